@@ -1,0 +1,8 @@
+"""Entry point of the Gradio app: ``python app.py [--model ID] [--port N]``."""
+
+import sys
+
+from attnedit.webapp import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The attention call with edits applied: one fast path per backend and one dense reference.
+
+Order of application inside a call (the composition rule): key scales multiply K; key restrictions
+(per-key keeps and block masks) are AND-ed; attention is computed; recorders observe the final
+probabilities; output blends run in the order the edits were given.
+
+Backends: ``"native"`` is the stock call of the family (SDPA, or diffusers' dispatcher with whatever backend the
+model was set to); ``"reference"`` is plain softmax(QK^T / sqrt(d)) V with every restriction as a dense
+S_q x S_k mask, the obviously-correct version that tests compare against; ``"flex"`` runs block masks through
+PyTorch FlexAttention (CUDA; also CPU under torch.compile); ``"auto"`` picks native unless an edit needs
+probabilities (reference) or a block mask (flex on CUDA, else the block-sparse CPU path).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .edits import BlockMask, Edit
+
+if TYPE_CHECKING:
+    from .families import AttentionCall
+
+BACKENDS = ("auto", "native", "reference", "flex")
+Native = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _per_row(edit: Edit, call: AttentionCall, value: torch.Tensor, neutral: float | bool, name: str) -> torch.Tensor:
+    """Check an edit's per-key tensor (1 | B, S_k) and neutralize the rows outside its branches -> (B, S_k)."""
+    batch = len(call.branches)
+    if value.ndim != 2 or value.shape[-1] != call.num_keys or value.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{edit!r} gave a {name} of shape {tuple(value.shape)} at {call.site.name}; "
+            f"expected (1 or {batch}, {call.num_keys}) for {call.num_keys} keys"
+        )
+    value = value.expand(batch, -1)
+    rows = edit.rows(call)
+    if rows is not None:
+        value = torch.where(rows[:, None], value, torch.full_like(value, neutral))
+    return value
+
+
+def key_restrictions(call: AttentionCall, edits: list[Edit]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Combined (key_scale, key_keep), each (B, S_k) or None."""
+    scale = keep = None
+    for edit in edits:
+        s = edit.key_scale(call)
+        if s is not None:
+            s = _per_row(edit, call, s.to(call.dtype), 1.0, "key scale")
+            scale = s if scale is None else scale * s
+        m = edit.key_keep(call)
+        if m is not None:
+            m = _per_row(edit, call, m.bool(), True, "key mask")
+            keep = m if keep is None else keep & m
+    if keep is not None and not keep.any(dim=-1).all():
+        raise ValueError(f"the key masks of {edits!r} hide every key at {call.site.name}; leave at least one visible")
+    return scale, keep
+
+
+def block_restriction(call: AttentionCall, edits: list[Edit]) -> BlockMask | None:
+    """Block masks AND-ed together; block-mask edits must cover every row of a call they act on."""
+    combined = None
+    for edit in edits:
+        bm = edit.block_mask(call)
+        if bm is None:
+            continue
+        if edit.rows(call) is not None:
+            raise ValueError(f"{edit!r}: block masks apply to whole calls; do not restrict them to branches")
+        if (bm.num_queries, bm.num_keys) != (call.num_queries, call.num_keys):
+            raise ValueError(
+                f"{edit!r} gave a block mask for {bm.num_queries} x {bm.num_keys} tokens at {call.site.name}, "
+                f"which has {call.num_queries} queries x {call.num_keys} keys"
+            )
+        combined = bm if combined is None else combined & bm
+    return combined
+
+
+def merge_masks(mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """Fold a (B, S_k) key keep into the stock mask (bool or additive), broadcast as (B, 1, 1, S_k)."""
+    if keep is None:
+        return mask
+    keep = keep[:, None, None, :]
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+    block: BlockMask | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: (out (B, H, S_q, D), probs (B, H, S_q, S_k)). ``mask`` bool (keep) or additive."""
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if block is not None:
+        scores = scores.masked_fill(~block.dense().to(scores.device), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return probs @ v, probs
+
+
+def flex_attention(q, k, v, mask: torch.Tensor | None, block: BlockMask) -> torch.Tensor:
+    """Block-masked attention through FlexAttention; ``mask`` may only be a bool key mask (B, 1, 1, S_k)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
+
+    table = block.blocks.to(q.device)
+    size = block.block_size
+    keys = None if mask is None else mask[:, 0, 0, :].expand(q.shape[0], -1).to(q.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = table[q_idx // size, kv_idx // size]
+        return allowed if keys is None else allowed & keys[b, kv_idx]
+
+    bm = create_block_mask(mask_mod, q.shape[0] if keys is not None else None, None, q.shape[2], k.shape[2], device=q.device)
+    return _compiled_flex()(q, k, v, block_mask=bm)
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _FLEX = torch.compile(flex, dynamic=False)
+    return _FLEX
+
+
+def resolve_backend(backend: str, device: torch.device, needs_probs: bool, has_block: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; valid: {list(BACKENDS)}")
+    if needs_probs:
+        return "reference"  # fused kernels never return probabilities
+    if backend != "auto":
+        return backend
+    if has_block:
+        return "flex" if device.type == "cuda" else "block_sparse"
+    return "native"
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    call: AttentionCall, edits: list[Edit], native: Native, backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of one call with ``edits`` applied. q, k, v: (B, H, S, D); returns (B, H, S_q, D)."""
+    scale, keep = key_restrictions(call, edits)
+    if scale is not None:
+        k = k * scale[:, None, :, None]
+    block = block_restriction(call, edits)
+    recorders = [e for e in edits if e.records]
+    mask = merge_masks(mask, keep)
+    chosen = resolve_backend(backend, q.device, bool(recorders), block is not None)
+    if chosen == "reference":
+        out, probs = dense_attention(q, k, v, mask, block)
+        for edit in recorders:
+            rows = edit.rows(call)
+            edit.record(call, probs if rows is None else probs[rows])
+    elif block is not None and chosen == "flex":
+        out = flex_attention(q, k, v, mask, block)
+    elif block is not None:
+        from .block_sparse import block_sparse_attention
+
+        out = block_sparse_attention(q, k, v, mask, block)
+    else:
+        out = native(q, k, v, mask)
+    for edit in edits:
+        if edit.blends:
+            blended = edit.blend(call, out, v)
+            rows = edit.rows(call)
+            out = blended if rows is None else torch.where(rows[:, None, None, None], blended, out)
+    return out

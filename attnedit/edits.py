@@ -1,0 +1,347 @@
+"""Edits: small objects that say where they act on attention and what they do there.
+
+An edit is applied by the one processor family (``attnedit.processors``) inside every attention call it
+covers. It can do any of four things, each a hook that returns ``None`` when it has nothing to say:
+
+* ``key_keep(call)``   -> bool ``(1 | B, S_k)``: which keys stay visible (a per-key vector, never S_q x S_k);
+* ``key_scale(call)``  -> float ``(1 | B, S_k)``: multiply keys (the soft ``(1 - M) * K`` form of key masking);
+* ``block_mask(call)`` -> :class:`BlockMask`: a block-sparse key restriction (radial attention);
+* ``blend(call, out, value)`` -> new output ``(B, H, S_q, D)``: per-head output blending (SoftPAG);
+* ``record(call, probs)``: observe attention probabilities ``(b, H, S_q, S_k)`` with gradients (refocusing).
+
+Where an edit acts is given by four optional filters shared by every edit: ``kinds`` (self / cross / joint),
+``layers`` (indices within those kinds, as the family adapter numbers them), ``steps`` (``(start, stop)``
+denoising step window) and ``branches`` (``"uncond"``, ``"cond"``, ``"perturbed"``). Several edits compose:
+key restrictions are AND-ed, key scales multiplied, blends applied in order, recorders see the final map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .families import AttentionCall, Site
+
+KINDS = ("self", "cross", "joint")
+BRANCHES = ("uncond", "cond", "perturbed")
+
+
+def _as_frozenset(name: str, values: Any, allowed: tuple[str, ...] | None = None) -> frozenset | None:
+    if values is None:
+        return None
+    if isinstance(values, (str, int)):
+        values = (values,)
+    values = frozenset(values)
+    if not values:
+        raise ValueError(f"{name}=() selects nothing; use None for all")
+    if allowed is not None and not values <= set(allowed):
+        raise ValueError(f"{name}={sorted(values)} has unknown entries; valid: {list(allowed)}")
+    return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edit:
+    """Base of every edit: where it applies. Subclasses override the hooks they need."""
+
+    kinds: frozenset[str] | None = None
+    layers: frozenset[int] | None = None
+    steps: tuple[int, int] | None = None
+    branches: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", _as_frozenset("kinds", self.kinds, KINDS))
+        object.__setattr__(self, "branches", _as_frozenset("branches", self.branches, BRANCHES))
+        layers = _as_frozenset("layers", self.layers)
+        if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise ValueError(f"layers={sorted(layers)} must be non-negative integers")
+        object.__setattr__(self, "layers", layers)
+        if self.steps is not None:
+            start, stop = self.steps
+            if not 0 <= start < stop:
+                raise ValueError(f"steps={self.steps} must be a window (start, stop) with 0 <= start < stop")
+
+    # -- where ---------------------------------------------------------------------------------------------
+    def covers(self, call: AttentionCall) -> bool:
+        """True when this call is one the edit acts on (kind, layer, step; branches are per row)."""
+        if self.kinds is not None and call.site.kind not in self.kinds:
+            return False
+        if self.layers is not None and call.site.layer not in self.layers:
+            return False
+        if self.steps is not None and not self.steps[0] <= call.step < self.steps[1]:
+            return False
+        return self.branches is None or any(b in self.branches for b in call.branches)
+
+    def rows(self, call: AttentionCall) -> torch.Tensor | None:
+        """Bool ``(B,)`` of batch rows in this edit's branches, or None for every row."""
+        if self.branches is None or all(b in self.branches for b in call.branches):
+            return None
+        return torch.tensor([b in self.branches for b in call.branches], device=call.device)
+
+    def validate(self, sites: list[Site], family: str) -> None:
+        """Raise ValueError when the edit names layers or heads the model does not have."""
+        kinds = self.kinds or frozenset(KINDS)
+        present = {s.kind for s in sites} & kinds
+        if not present:
+            have = sorted({s.kind for s in sites})
+            raise ValueError(f"{self!r} targets kinds {sorted(kinds)}; {family} has only {have} attention")
+        if self.layers is None:
+            return
+        for kind in sorted(present):
+            count = sum(1 for s in sites if s.kind == kind)
+            bad = sorted(i for i in self.layers if i >= count)
+            if bad and len(present) == 1:
+                raise ValueError(
+                    f"{type(self).__name__} names {kind}-attention layer(s) {bad}, "
+                    f"but {family} has {kind}-attention layers 0..{count - 1}"
+                )
+        if not any(s.layer in self.layers for s in sites if s.kind in present):
+            raise ValueError(f"{type(self).__name__} layers={sorted(self.layers)} match no {sorted(present)} layer of {family}")
+
+    # -- what (hooks; None / identity means "nothing to do") --------------------------------------------------
+    def key_keep(self, call: AttentionCall) -> torch.Tensor | None:
+        return None
+
+    def key_scale(self, call: AttentionCall) -> torch.Tensor | None:
+        return None
+
+    def block_mask(self, call: AttentionCall) -> BlockMask | None:
+        return None
+
+    def blend(self, call: AttentionCall, out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def record(self, call: AttentionCall, probs: torch.Tensor) -> None:
+        return None
+
+    @property
+    def records(self) -> bool:
+        return type(self).record is not Edit.record
+
+    @property
+    def blends(self) -> bool:
+        return type(self).blend is not Edit.blend
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMask:
+    """Block-sparse restriction of one attention call: ``blocks[i, j]`` keeps query block i x key block j.
+
+    Blocks are ``block_size`` tokens square; the last block of each axis may be short. Inside a kept block
+    every pair is kept (an optional ``token_keep`` function refines that, for references only).
+    """
+
+    blocks: torch.Tensor  # bool (n_q_blocks, n_k_blocks)
+    block_size: int
+    num_queries: int
+    num_keys: int
+
+    def __post_init__(self) -> None:
+        nq, nk = math.ceil(self.num_queries / self.block_size), math.ceil(self.num_keys / self.block_size)
+        if tuple(self.blocks.shape) != (nq, nk):
+            raise ValueError(
+                f"BlockMask blocks shape {tuple(self.blocks.shape)} does not cover {self.num_queries} x "
+                f"{self.num_keys} tokens in blocks of {self.block_size}: expected ({nq}, {nk})"
+            )
+
+    @property
+    def density(self) -> float:
+        return float(self.blocks.float().mean())
+
+    def dense(self) -> torch.Tensor:
+        """Token-level bool ``(S_q, S_k)``: for references and tests only."""
+        b = self.block_size
+        full = self.blocks.repeat_interleave(b, 0).repeat_interleave(b, 1)
+        return full[: self.num_queries, : self.num_keys]
+
+    def __and__(self, other: BlockMask) -> BlockMask:
+        if (self.block_size, self.num_queries, self.num_keys) != (other.block_size, other.num_queries, other.num_keys):
+            raise ValueError("cannot combine block masks of different geometry")
+        return dataclasses.replace(self, blocks=self.blocks & other.blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic edits the methods build on
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resize_mask(mask: torch.Tensor, grid: tuple[int, ...], threshold: float = 0.5) -> torch.Tensor:
+    """Area-resample a 2-D (H, W) mask in [0, 1] to ``grid`` = (h, w) and binarize at ``threshold``."""
+    h, w = grid[-2:]
+    if tuple(mask.shape) == (h, w):
+        return mask > threshold
+    if abs(mask.shape[0] / mask.shape[1] - h / w) > 0.5 * (1 / h + 1 / w) * max(1.0, h / w):
+        raise ValueError(
+            f"mask of size {tuple(mask.shape)} does not have the aspect ratio of the {h}x{w} attention grid"
+        )
+    small = F.interpolate(mask[None, None].float(), size=(h, w), mode="area")[0, 0]
+    return small > threshold
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyMask(Edit):
+    """Hide keys inside a spatial mask from every query (image/video keys only; text keys stay visible).
+
+    ``mask`` is (H, W) for images or (F, H, W) for video, True/1 = hidden; it is resampled to each call's token
+    grid. ``mode="hard"`` excludes the keys (-inf logit); ``mode="soft"`` zeroes them ((1 - M) * K), as in the
+    DesignEdit paper, so they keep a logit of 0.
+    """
+
+    mask: torch.Tensor
+    mode: str = "hard"
+    threshold: float = 0.5
+    kinds: frozenset[str] | None = frozenset({"self", "joint"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in ("hard", "soft"):
+            raise ValueError(f"mode={self.mode!r} must be 'hard' or 'soft'")
+        if self.mask.ndim not in (2, 3):
+            raise ValueError(f"mask must be (H, W) or (F, H, W), got shape {tuple(self.mask.shape)}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold={self.threshold} must be in [0, 1)")
+
+    def _hidden(self, call: AttentionCall) -> torch.Tensor:
+        """Bool (S_k,) True where a key is hidden."""
+        grid = call.grid
+        if self.mask.ndim == 3:
+            if len(grid) != 3 or self.mask.shape[0] != grid[0]:
+                raise ValueError(f"video mask of {self.mask.shape[0]} frames does not match token grid {grid}")
+            small = torch.stack([resize_mask(m, grid, self.threshold) for m in self.mask]).flatten()
+        else:
+            small = resize_mask(self.mask, grid, self.threshold).flatten()
+            if len(grid) == 3:
+                small = small.repeat(grid[0])
+        hidden = torch.zeros(call.num_keys, dtype=torch.bool, device=call.device)
+        hidden[call.image_keys] = small.to(call.device)
+        return hidden
+
+    def key_keep(self, call: AttentionCall) -> torch.Tensor | None:
+        return None if self.mode == "soft" else ~self._hidden(call)[None]
+
+    def key_scale(self, call: AttentionCall) -> torch.Tensor | None:
+        return (~self._hidden(call)).to(call.dtype)[None] if self.mode == "soft" else None
+
+    def __repr__(self) -> str:
+        return f"KeyMask(mask={tuple(self.mask.shape)}, mode={self.mode!r}, layers={_fmt(self.layers)}, steps={self.steps})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadBlend(Edit):
+    """Blend selected heads' outputs toward a target: out_h <- (1 - u) out_h + u target_h.
+
+    With ``target="identity"`` the target is V itself, i.e. the head's map becomes (1 - u) A + u I, computed
+    without an S x S map. ``"uniform"`` uses the mean of V (a uniform map). ``heads`` maps a layer index to the
+    heads blended in that layer (None: every head of the covered layers). ``scope="image"`` blends only image/video
+    query rows of a joint sequence (diffusers' PAG behaviour); ``"all"`` blends every row (the SoftPAG paper's).
+    """
+
+    strength: float = 1.0
+    heads: dict[int, tuple[int, ...]] | None = None
+    target: str = "identity"
+    scope: str = "all"
+    kinds: frozenset[str] | None = frozenset({"self", "joint"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength={self.strength} must be in [0, 1]")
+        if self.target not in ("identity", "uniform"):
+            raise ValueError(f"target={self.target!r} must be 'identity' or 'uniform'")
+        if self.scope not in ("all", "image"):
+            raise ValueError(f"scope={self.scope!r} must be 'all' or 'image'")
+        if self.heads is not None:
+            if not self.heads or any(not hs for hs in self.heads.values()):
+                raise ValueError("heads selects no head; use None for every head")
+            object.__setattr__(self, "heads", {int(k): tuple(sorted(set(v))) for k, v in self.heads.items()})
+            if self.layers is None:
+                object.__setattr__(self, "layers", frozenset(self.heads))
+
+    def validate(self, sites: list[Site], family: str) -> None:
+        super().validate(sites, family)
+        if self.heads is None:
+            return
+        kinds = self.kinds or frozenset(KINDS)
+        by_layer = {s.layer: s.heads for s in sites if s.kind in kinds}
+        for layer, heads in self.heads.items():
+            if layer not in by_layer:
+                raise ValueError(f"HeadBlend names layer {layer}; {family} has layers 0..{max(by_layer)}")
+            bad = [h for h in heads if not 0 <= h < by_layer[layer]]
+            if bad:
+                raise ValueError(f"HeadBlend names head(s) {bad} of layer {layer}; it has heads 0..{by_layer[layer] - 1}")
+
+    def blend(self, call: AttentionCall, out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0.0:
+            return out
+        if out.shape[-2] != value.shape[-2]:
+            raise ValueError(f"HeadBlend needs self/joint attention (queries == keys) at {call.site.name}")
+        weight = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+        heads = None if self.heads is None else self.heads.get(call.site.layer)
+        weight[list(heads) if heads is not None else slice(None)] = self.strength
+        weight = weight.view(1, -1, 1, 1)
+        target = value if self.target == "identity" else value.mean(dim=-2, keepdim=True).expand_as(value)
+        blended = out + weight * (target - out)  # (1 - u) out + u target, one fused op
+        if self.scope == "image" and call.text_queries is not None:
+            keep = torch.zeros(out.shape[-2], 1, dtype=torch.bool, device=out.device)
+            keep[call.image_queries] = True
+            blended = torch.where(keep, blended, out)
+        return blended
+
+    def __repr__(self) -> str:
+        return f"HeadBlend(u={self.strength}, heads={self.heads}, target={self.target!r}, scope={self.scope!r}, steps={self.steps})"
+
+
+@dataclass(frozen=True)
+class RecordedMap:
+    site: Site
+    step: int
+    branches: tuple[str, ...]
+    probs: torch.Tensor  # (b, H or 1, S_q, S_k)
+    grid: tuple[int, ...]  # token grid of the image/video queries
+    image_queries: slice  # rows of ``probs`` that are image/video queries
+    image_keys: slice
+    text_keys: slice | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionRecorder(Edit):
+    """Keep attention probabilities of the covered calls (with gradients when they flow).
+
+    ``mean_heads`` averages over heads at record time to save memory; ``queries`` limits to image-token rows
+    of joint attention when ``"image"``. Maps accumulate in ``self.maps`` until ``clear()``.
+    """
+
+    mean_heads: bool = True
+    queries: str = "all"
+    maps: list[RecordedMap] = field(default_factory=list, compare=False, repr=False)
+
+    def record(self, call: AttentionCall, probs: torch.Tensor) -> None:
+        image_queries = call.image_queries
+        if self.queries == "image" and call.text_queries is not None:
+            probs = probs[:, :, call.image_queries]
+            image_queries = slice(0, probs.shape[2])
+        if self.mean_heads:
+            probs = probs.mean(dim=1, keepdim=True)
+        rows = self.branches
+        branches = tuple(b for b in call.branches if rows is None or b in rows)
+        self.maps.append(RecordedMap(call.site, call.step, branches, probs, call.grid, image_queries, call.image_keys, call.text_keys))
+
+    def clear(self) -> None:
+        self.maps.clear()
+
+    def __repr__(self) -> str:
+        return f"AttentionRecorder(kinds={_fmt(self.kinds)}, layers={_fmt(self.layers)}, steps={self.steps}, maps={len(self.maps)})"
+
+
+def _fmt(values: frozenset | None) -> str:
+    return "all" if values is None else str(sorted(values))

@@ -1,0 +1,209 @@
+"""``install(model_or_pipeline, *edits)``: put the edit processor on every attention site, restore on exit.
+
+The step index and the CFG branch of each batch row are read without touching diffusers' forwards: a forward
+pre-hook on the denoiser sees the timestep and the batch. A new timestep is a new step; a repeated timestep is
+another pass of the same step (Wan, FLUX and HunyuanVideo run cond, then uncond); a timestep that moves against
+the run's direction starts a new run (step 0). ``new_run()`` resets explicitly.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .edits import BRANCHES, Edit
+from .families import Family, ForwardInfo, Site, detect_family
+from .processors.edit_processor import EditProcessor
+
+
+class RunState:
+    """Where the denoising run is: step, pass within the step, and the current forward's inputs."""
+
+    def __init__(self, family: Family, pipeline: Any = None) -> None:
+        self.family = family
+        self.pipeline = pipeline
+        self.branch_override: tuple[str, ...] | None = None
+        self.new_run()
+
+    def new_run(self) -> None:
+        self.step = 0
+        self.pass_index = 0
+        self.last_t: float | None = None
+        self.direction = 0
+        self._info: ForwardInfo | None = None
+        self._inputs: tuple | None = None
+
+    @property
+    def info(self) -> ForwardInfo | None:
+        """The current forward's inputs, read on first use (most forwards with no active edit never need it)."""
+        if self._info is None and self._inputs is not None:
+            self._info = self.family.forward_info(*self._inputs)
+        return self._info
+
+    def on_forward(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        t = self.family.timestep(model, args, kwargs)
+        if self.last_t is not None:
+            if t == self.last_t:
+                self.pass_index += 1
+            else:
+                direction = 1 if t > self.last_t else -1
+                if self.direction and direction != self.direction:
+                    self.step, self.direction = 0, 0
+                else:
+                    self.step, self.direction = self.step + 1, direction
+                self.pass_index = 0
+        self.last_t = t
+        self._info, self._inputs = None, (model, args, kwargs)
+
+    def batch_branches(self) -> tuple[str, ...]:
+        """Branch names of the equal chunks of the batch (batched CFG) or of this pass (separate passes)."""
+        if self.branch_override is not None:
+            return self.branch_override
+        if self.family.batched_cfg:
+            try:
+                cfg = bool(self.pipeline is not None and self.pipeline.do_classifier_free_guidance)
+            except AttributeError:  # the pipeline sets its guidance scale only inside __call__
+                cfg = False
+            return ("uncond", "cond") if cfg else ("cond",)
+        return ("cond",) if self.pass_index == 0 else ("uncond",)
+
+    def row_branches(self, batch: int) -> tuple[str, ...]:
+        chunks = self.batch_branches()
+        if batch % len(chunks):
+            raise ValueError(f"batch of {batch} rows cannot be split into branches {chunks}")
+        return tuple(name for name in chunks for _ in range(batch // len(chunks)))
+
+
+class Installation:
+    """Edit processors on a denoiser (or a pipeline's denoisers); a context manager that always restores."""
+
+    def __init__(self, target: Any, edits: Sequence[Edit], backend: str = "auto") -> None:
+        from .attention import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; valid: {list(BACKENDS)}")
+        self.pipeline = target if _is_pipeline(target) else None
+        self.models = _denoisers(target)
+        self.family = detect_family(self.models[0])
+        self.sites = self.family.sites(self.models[0])
+        self.backend = backend
+        self.state = RunState(self.family, self.pipeline)
+        self._edits: tuple[Edit, ...] = ()
+        self._by_site: dict[Site, list[Edit]] = {}
+        self.edits = edits
+        self._originals: list[tuple[torch.nn.Module, Any]] = []
+        self._hooks: list[Any] = []
+        self._attach()
+
+    # -- edits ---------------------------------------------------------------------------------------------
+    @property
+    def edits(self) -> tuple[Edit, ...]:
+        return self._edits
+
+    @edits.setter
+    def edits(self, edits: Sequence[Edit]) -> None:
+        for edit in edits:
+            if not isinstance(edit, Edit):
+                raise TypeError(f"{edit!r} is not an attnedit Edit")
+            edit.validate(self.sites, self.family.name)
+        self._edits = tuple(edits)
+        self._by_site = {
+            site: [e for e in self._edits if (e.kinds is None or site.kind in e.kinds) and (e.layers is None or site.layer in e.layers)]
+            for site in self.sites
+        }
+
+    def edits_at(self, site: Site) -> list[Edit]:
+        return self._by_site[site]
+
+    # -- run state -------------------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def new_run(self) -> None:
+        """Start step counting from 0 (call before a generation when runs are not separated by the schedule)."""
+        self.state.new_run()
+
+    @contextmanager
+    def branches(self, *names: str) -> Iterator[None]:
+        """Within the block, the batch is split into these branches, in order (e.g. uncond, cond, perturbed)."""
+        if not names or any(n not in BRANCHES for n in names):
+            raise ValueError(f"branches {names} must be a non-empty sequence of {BRANCHES}")
+        previous, self.state.branch_override = self.state.branch_override, tuple(names)
+        try:
+            yield
+        finally:
+            self.state.branch_override = previous
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        try:
+            for model in self.models:
+                for name, module in model.named_modules():
+                    if isinstance(getattr(module, "processor", None), EditProcessor):
+                        raise ValueError(
+                            f"attnedit is already installed on {type(model).__name__}.{name}; "
+                            "pass all edits to one install() or change handle.edits"
+                        )
+                modules = dict(model.named_modules())
+                for site in self.sites:
+                    module = modules[site.name]
+                    original = module.processor
+                    self._originals.append((module, original))
+                    module.set_processor(EditProcessor(site, self.family.name, self, original))
+                self._hooks.append(model.register_forward_pre_hook(self._pre_forward(model), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _pre_forward(self, model: torch.nn.Module):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self.state.on_forward(model, args, kwargs)
+
+        return hook
+
+    def remove(self) -> None:
+        """Restore the original processors and remove the hooks (idempotent)."""
+        while self._originals:
+            module, original = self._originals.pop()
+            module.set_processor(original)
+        while self._hooks:
+            self._hooks.pop().remove()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._originals)
+
+    def __enter__(self) -> Installation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Installation({self.family.name}, {len(self.sites)} sites, edits={list(self._edits)})"
+
+
+def install(target: Any, *edits: Edit, backend: str = "auto") -> Installation:
+    """Install ``edits`` on a diffusers pipeline or denoiser. Use as ``with install(pipe, edit): pipe(...)``.
+
+    >>> with install(pipe, HeadBlend(strength=0.5, heads={3: (0, 1)})):   # doctest: +SKIP
+    ...     image = pipe("a cat").images[0]
+    """
+    return Installation(target, edits, backend)
+
+
+def _is_pipeline(target: Any) -> bool:
+    return hasattr(target, "components") and not isinstance(target, torch.nn.Module)
+
+
+def _denoisers(target: Any) -> list[torch.nn.Module]:
+    if isinstance(target, torch.nn.Module):
+        return [target]
+    if _is_pipeline(target):
+        found = [getattr(target, n) for n in ("unet", "transformer", "transformer_2") if getattr(target, n, None) is not None]
+        if found:
+            return found
+    raise ValueError(f"{type(target).__name__} is neither a diffusers pipeline with a unet/transformer nor a denoiser model")

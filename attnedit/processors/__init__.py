@@ -1,0 +1,6 @@
+"""The edit processor family that replaces diffusers' attention processors while edits are installed."""
+
+from .edit_processor import EditProcessor
+from .projections import IO, Projected
+
+__all__ = ["EditProcessor", "IO", "Projected"]

@@ -1,0 +1,74 @@
+"""The one processor: stock projections of its family, attention with the active edits, stock output."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..attention import attend
+from ..families import AttentionCall, Site, unet_grid
+from .projections import IO, Projected
+
+if TYPE_CHECKING:
+    from ..install import Installation
+
+
+class EditProcessor:
+    """Replaces a diffusers attention processor on one module (a :class:`Site`) while an installation lives.
+
+    With no edit covering the call it runs exactly the stock processor's operations.
+    """
+
+    _attention_backend = None  # copied from the processor it replaces (diffusers' dispatcher backends)
+    _parallel_config = None
+
+    def __init__(self, site: Site, family: str, installation: Installation, original: Any) -> None:
+        self.site = site
+        self.family = family
+        self.io = IO[family]
+        self.installation = installation
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        temb: torch.Tensor | None = None,
+        rotary_emb: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        rotary = rotary_emb if rotary_emb is not None else image_rotary_emb
+        text_tokens = 0
+        if self.site.stream == "single" and self.family == "flux":  # joined [text, image]: length from the inputs
+            text_tokens = self.installation.state.info.text_tokens
+        p = self.io.project(attn, hidden_states, encoder_hidden_states, attention_mask, rotary, temb, text_tokens)
+        edits = self.installation.edits_at(self.site)
+        if edits or self.installation.backend == "reference":
+            call = self._call(p)
+            active = [e for e in edits if e.covers(call)]
+            native = lambda q, k, v, mask: self.io.native(q, k, v, mask, self)  # noqa: E731
+            out = attend(p.q, p.k, p.v, p.mask, call, active, native, self.installation.backend)
+        else:
+            out = self.io.native(p.q, p.k, p.v, p.mask, self)
+        return self.io.finish(attn, out, p, self)
+
+    def _call(self, p: Projected) -> AttentionCall:
+        state = self.installation.state
+        info = state.info
+        n_image = p.image_q.stop - p.image_q.start
+        grid = info.grid if info is not None else (n_image,)
+        if self.family == "unet" and info is not None:
+            grid = unet_grid(info.grid, n_image)
+        return AttentionCall(
+            site=self.site, family=self.family, step=state.step, branches=state.row_branches(p.q.shape[0]),
+            grid=grid, num_queries=p.q.shape[2], num_keys=p.k.shape[2], image_queries=p.image_q,
+            image_keys=p.image_k, text_queries=p.text_q, text_keys=p.text_k, device=p.q.device, dtype=p.q.dtype,
+        )
+
+    def __repr__(self) -> str:
+        return f"EditProcessor({self.site.name}, {self.site.kind} layer {self.site.layer})"

@@ -1,0 +1,449 @@
+"""Tiny random-weight model zoo for tests and benchmarks.
+
+Real checkpoints are gigabytes and cannot be downloaded in CI (or here: there is no hub access). Attention-editing
+code, however, has to be exercised against the *real* diffusers classes: their attention modules, processors,
+token orders, masks and pipeline loops. This module builds miniature pipelines of each supported family with
+random weights (seeded, float32, CPU) from small configs, and offline tokenizers generated on the fly:
+
+* a CLIP byte-level BPE tokenizer whose merges are learned at build time from a small English word list, so
+  common words are single tokens while unknown words split into several sub-word tokens;
+* a word-level tokenizer (whitespace pre-tokenizer) standing in for the T5 / UMT5 / Llama tokenizers.
+
+``load_tiny_pipeline`` saves each pipeline once into a cache directory and loads it back through
+``DiffusionPipeline.from_pretrained``, so the real loading code (``model_index.json``) is covered as well.
+A full pipeline call with ``call_kwargs(family)`` takes about 0.1 s on 2 CPU cores (single-threaded torch is
+as fast for models this small, and far faster when several test processes share the cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLWan,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    LlamaConfig,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+__all__ = [
+    "FAMILIES", "HUNYUAN_PROMPT_TEMPLATE", "build_pipeline", "call_kwargs", "clip_tokenizer", "denoiser",
+    "load_tiny_pipeline", "save_tiny_pipeline", "word_tokenizer",
+]
+
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "wan", "hunyuan_video")
+
+# Words that get their own token in every tokenizer (whole-word merges for CLIP, entries for word-level ones).
+_WORD_TEXT = """
+a an the of and or with on in at to from by for under over near next behind above below between is are
+photo picture painting drawing image video scene view close up portrait landscape style background foreground
+cat dog bird horse cow fish mouse rabbit lion tiger bear fox wolf monkey elephant person man woman child people
+car bus bike boat train plane house tree flower grass sky sea river lake mountain road city street forest beach
+table chair cup bowl apple banana orange book lamp hat ball box bottle glass window door clock
+circle square triangle star heart shape line dot stripe pattern
+red blue green yellow black white orange purple pink brown gray grey gold silver
+big small large tiny tall short long round old new young happy sad bright dark soft hard wooden metal
+sitting standing running walking flying swimming jumping dancing eating sleeping playing looking holding
+sunny rainy snowy night day morning evening light shadow color texture size quantity text water fire snow
+describe detailing following aspects main content theme colors shapes sizes textures quantities spatial
+relationships objects actions events behaviors temporal physical movement changes environment atmosphere
+camera angles movements transitions used user system assistant
+"""
+_WORDS = _WORD_TEXT.split()
+
+_CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+_WORD_SPECIALS = ["<pad>", "</s>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+_PUNCTUATION = list(".,:;!?'\"()-{}[]/")
+
+# HunyuanVideo wraps the prompt into a chat template and crops the template tokens from the Llama hidden states.
+# With the word-level tokenizer (which adds <|begin_of_text|>) this prefix is exactly 4 tokens.
+HUNYUAN_PROMPT_TEMPLATE = {"template": "<|start_header_id|>user<|end_header_id|> {}<|eot_id|>", "crop_start": 4}
+
+
+# --------------------------------------------------------------------------------------------- tokenizers
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP ``bytes_to_unicode``: printable bytes stand for themselves, the others for chr(256 + i)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    table = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return [table[b] for b in range(256)]
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i:i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn BPE merges over _WORDS (ties broken by pair order), so each listed word becomes exactly one token."""
+    alphabet = _byte_alphabet()
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",) for w in _WORDS}
+    merges: list[tuple[str, str]] = []
+    while pairs := Counter(p for w in words for p in itertools.pairwise(w)):
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        words = {_merge(w, best) for w in words}
+    vocab += [_CLIP_BOS, _CLIP_EOS]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}, merges
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """CLIPTokenizer loaded from a generated vocab.json + merges.txt (byte-level BPE, model_max_length=77)."""
+    vocab, merges = _clip_vocab_and_merges()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+@functools.lru_cache(maxsize=1)
+def _word_vocab() -> dict[str, int]:
+    return {tok: i for i, tok in enumerate(dict.fromkeys(_WORD_SPECIALS + _PUNCTUATION + _WORDS))}
+
+
+def word_tokenizer(flavor: str) -> PreTrainedTokenizerFast:
+    """Word-level stand-in for the T5/UMT5 ("t5": appends </s>) or Llama ("llama": prepends BOS) tokenizers."""
+    vocab = _word_vocab()
+    tok = Tokenizer(WordLevel(dict(vocab), unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(_WORD_SPECIALS)
+    if flavor == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+        specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    elif flavor == "llama":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+        specials = {"pad_token": "<pad>", "bos_token": bos, "eos_token": "<|end_of_text|>", "unk_token": "<unk>"}
+    else:
+        raise ValueError(f"unknown tokenizer flavor {flavor!r}; expected 't5' or 'llama'")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **specials)
+
+
+# ---------------------------------------------------------------------------------------- text encoders
+def _clip_encoder(hidden: int = 32, projection: int | None = None) -> CLIPTextModel | CLIPTextModelWithProjection:
+    vocab, _ = _clip_vocab_and_merges()
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden, hidden_act="gelu",
+        bos_token_id=vocab[_CLIP_BOS], eos_token_id=vocab[_CLIP_EOS], pad_token_id=vocab[_CLIP_EOS],
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _t5_encoder(d_model: int = 32, umt5: bool = False) -> T5EncoderModel | UMT5EncoderModel:
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(vocab_size=len(_word_vocab()), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                        num_heads=d_model // 8, relative_attention_num_buckets=8, dropout_rate=0.0,
+                        feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    return model_cls(config)
+
+
+def _llama_encoder(hidden: int = 16) -> LlamaModel:
+    vocab = _word_vocab()
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, hidden_act="silu",
+                         pad_token_id=vocab["<pad>"], bos_token_id=vocab["<|begin_of_text|>"],
+                         eos_token_id=vocab["<|end_of_text|>"])
+    return LlamaModel(config)
+
+
+def _image_vae(latent_channels: int, **kwargs) -> AutoencoderKL:
+    """4-level AutoencoderKL (vae_scale_factor 8) with 8 channels everywhere."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, sample_size=64, **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------------- builders
+def _build_sd15() -> StableDiffusionPipeline:
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=_image_vae(4, scaling_factor=0.18215), text_encoder=_clip_encoder(32), tokenizer=clip_tokenizer(),
+        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _build_sdxl() -> StableDiffusionXLPipeline:
+    time_dim, pooled_dim = 8, 32  # add_embedding input = 6 micro-conditioning ids * time_dim + pooled text embeds
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 2, 4), use_linear_projection=True, norm_num_groups=8,
+        cross_attention_dim=32 + 32,  # text_encoder hidden + text_encoder_2 hidden (concatenated)
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=_image_vae(4, scaling_factor=0.13025), text_encoder=_clip_encoder(32),
+        text_encoder_2=_clip_encoder(32, projection=pooled_dim), tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler,
+    )
+
+
+def _build_sd3() -> StableDiffusion3Pipeline:
+    clip_hidden, clip_proj, t5_dim = 32, 16, 64
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32,  # = heads * head_dim
+        joint_attention_dim=t5_dim,  # = T5 d_model; the two CLIP hidden states are concatenated (2 x clip_hidden,
+        # must be <= t5_dim) and zero-padded to it
+        pooled_projection_dim=2 * clip_proj,  # both CLIP text_embeds, concatenated
+        pos_embed_max_size=16,  # >= latent side / patch_size
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_image_vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                       scaling_factor=1.5035),
+        text_encoder=_clip_encoder(clip_hidden, projection=clip_proj), tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_encoder(clip_hidden, projection=clip_proj), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(t5_dim), tokenizer_3=word_tokenizer("t5"),
+    )
+
+
+def _build_flux() -> FluxPipeline:
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16 * 4,  # 2x2-packed VAE latents
+        num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32,  # = T5 d_model
+        pooled_projection_dim=32,  # = CLIP hidden (pooler output)
+        guidance_embeds=True, axes_dims_rope=[4, 4, 8],  # sums to attention_head_dim
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=_image_vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                       scaling_factor=0.3611),
+        text_encoder=_clip_encoder(32), tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5_encoder(32), tokenizer_2=word_tokenizer("t5"),
+    )
+
+
+def _build_wan() -> WanPipeline:
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32,  # = UMT5 d_model
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    return WanPipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=_t5_encoder(32, umt5=True), tokenizer=word_tokenizer("t5"),
+    )
+
+
+def _build_hunyuan_video() -> HunyuanVideoPipeline:
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16,  # = Llama hidden
+        pooled_projection_dim=32,  # = CLIP hidden (pooler output)
+        rope_axes_dim=(2, 4, 4),  # sums to attention_head_dim
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True,
+    )
+    return HunyuanVideoPipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=_llama_encoder(16), tokenizer=word_tokenizer("llama"),
+        text_encoder_2=_clip_encoder(32), tokenizer_2=clip_tokenizer(),
+    )
+
+
+_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
+    "sd15": _build_sd15, "sdxl": _build_sdxl, "sd3": _build_sd3,
+    "flux": _build_flux, "wan": _build_wan, "hunyuan_video": _build_hunyuan_video,
+}
+
+_PROMPT = "a red cat sitting on a blue square"
+_CALL_KWARGS: dict[str, dict] = {
+    "sd15": {"height": 64, "width": 64, "guidance_scale": 7.5},
+    "sdxl": {"height": 64, "width": 64, "guidance_scale": 5.0},
+    "sd3": {"height": 64, "width": 64, "guidance_scale": 5.0, "max_sequence_length": 32},
+    # FLUX and HunyuanVideo guidance is embedded (guidance-distilled): one branch, no [uncond, cond] batch.
+    "flux": {"height": 64, "width": 64, "guidance_scale": 3.5, "max_sequence_length": 32},
+    "wan": {"height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 32},
+    "hunyuan_video": {
+        "height": 32, "width": 32, "num_frames": 5, "guidance_scale": 6.0, "max_sequence_length": 32,
+        "prompt_template": HUNYUAN_PROMPT_TEMPLATE,
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def build_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
+    """Build a tiny random-weight pipeline of ``family`` (float32, CPU), weights drawn under ``manual_seed(seed)``."""
+    _check_family(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = _BUILDERS[family]()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # freshly constructed modules are in training mode; from_pretrained ones are not
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(family: str, directory: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build ``family`` and ``save_pretrained`` it (safetensors) into ``directory/family``; return that path."""
+    path = pathlib.Path(directory) / family
+    with _quiet_progress_bars():
+        build_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Silence diffusers' and transformers' save/load progress bars, restoring their previous state."""
+    libs = [diffusers.utils.logging, transformers.utils.logging]
+    enabled = [lib.is_progress_bar_enabled() for lib in libs]
+    for lib in libs:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in zip(libs, enabled):
+            if was_enabled:
+                lib.enable_progress_bar()
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
+    if cache_dir is None:
+        cache_dir = os.environ.get("ATTNEDIT_ZOO_DIR") or pathlib.Path.home() / ".cache" / "attnedit" / "zoo"
+    return pathlib.Path(cache_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_key() -> str:
+    """Changes whenever this file or the library versions change, so stale tiny checkpoints are never reused."""
+    digest = hashlib.sha256(pathlib.Path(__file__).read_bytes())
+    digest.update(f"{diffusers.__version__}/{transformers.__version__}/{torch.__version__}".encode())
+    return digest.hexdigest()[:12]
+
+
+def load_tiny_pipeline(family: str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> DiffusionPipeline:
+    """Load ``family`` with ``DiffusionPipeline.from_pretrained``, saving it into the cache first if missing.
+
+    The cache lives in ``cache_dir``, else ``$ATTNEDIT_ZOO_DIR``, else ``~/.cache/attnedit/zoo``, under
+    ``<key>-seed<seed>/<family>``. Saving goes through a temporary directory and an atomic rename, so concurrent
+    processes never see a half-written pipeline; whoever renames first wins and the others reuse its copy.
+    """
+    _check_family(family)
+    parent = _cache_root(cache_dir) / f"{_cache_key()}-seed{seed}"
+    target = parent / family
+    if not (target / "model_index.json").is_file():
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{family}-", dir=parent))
+        try:
+            try:
+                os.rename(save_tiny_pipeline(family, tmp, seed), target)
+            except OSError:
+                if not (target / "model_index.json").is_file():  # lost the race only if the winner is complete
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_progress_bars():
+        pipe = DiffusionPipeline.from_pretrained(target)
+    with torch.no_grad():  # copy out of the (unaligned) safetensors mmap: same BLAS kernels, same numbers as built
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for tensor in [*component.parameters(), *component.buffers()]:
+                    tensor.data = tensor.data.clone()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_kwargs(family: str) -> dict:
+    """Default kwargs for a fast full call (add ``generator=...``): 2 steps, CFG on where supported, numpy output."""
+    _check_family(family)
+    return {"prompt": _PROMPT, "num_inference_steps": 2, "output_type": "np", **copy.deepcopy(_CALL_KWARGS[family])}
+
+
+def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The denoising network of ``pipe``: its ``unet`` or its ``transformer``."""
+    model = getattr(pipe, "unet", None)
+    if model is None:
+        model = getattr(pipe, "transformer", None)
+    if model is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    return model
