@@ -14,7 +14,8 @@ probabilities (reference) or a block mask (flex on CUDA, else the block-sparse C
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -105,7 +106,7 @@ def dense_attention(
 
 def flex_attention(q, k, v, mask: torch.Tensor | None, block: BlockMask) -> torch.Tensor:
     """Block-masked attention through FlexAttention; ``mask`` may only be a bool key mask (B, 1, 1, S_k)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
+    from torch.nn.attention.flex_attention import create_block_mask
 
     table = block.blocks.to(q.device)
     size = block.block_size

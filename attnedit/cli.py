@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 EXAMPLES = """examples:
   attnedit sites                          # attention sites of the default offline tiny model

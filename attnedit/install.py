@@ -8,8 +8,9 @@ the run's direction starts a new run (step 0). ``new_run()`` resets explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 

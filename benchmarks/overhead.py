@@ -14,10 +14,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-from harness import compare, write_results  # noqa: E402
+import torch
+from harness import compare, write_results
 
-from attnedit import install, zoo  # noqa: E402
+from attnedit import install, zoo
 
 SIZES = {  # pipeline kwargs that set the token count of the captured forward
     "sd15": {"height": 256, "width": 256},

@@ -59,10 +59,9 @@ def test_reference_backend_equals_stock(tiny_pipe, family):
 def test_processors_restored_on_exception(tiny_pipe, family):
     pipe = tiny_pipe(family)
     before = processors(pipe)
-    with pytest.raises(RuntimeError, match="boom"):
-        with install(pipe, HeadBlend(strength=0.5)):
-            assert all(type(p).__name__ == "EditProcessor" for p in processors(pipe).values() if p not in before.values())
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), install(pipe, HeadBlend(strength=0.5)):
+        assert all(type(p).__name__ == "EditProcessor" for p in processors(pipe).values() if p not in before.values())
+        raise RuntimeError("boom")
     after = processors(pipe)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert not zoo.denoiser(pipe)._forward_pre_hooks
@@ -221,7 +220,7 @@ def test_head_blend_only_touches_selected_heads():
     q, k, v = (torch.randn(2, 3, 10, 4) for _ in range(3))
     site = Site("x", "self", 0, 3)
     call = AttentionCall(site, "unet", 0, ("uncond", "cond"), (2, 5), 10, 10, slice(0, 10), slice(0, 10), None, None, q.device, q.dtype)
-    native = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    native = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out = attend(q, k, v, None, call, [HeadBlend(strength=1.0, heads={0: (1,)}, branches={"cond"})], native)
     plain, _ = dense_attention(q, k, v)
     assert torch.allclose(out[1, 1], v[1, 1], atol=1e-6)  # cond row, head 1 -> identity map
@@ -304,3 +303,31 @@ def test_unsupported_model_and_backend_are_clear_errors(tiny_pipe):
         detect_family(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend='cudnn'"):
         install(tiny_pipe("sd15"), backend="cudnn")
+
+
+def test_user_chosen_kernels_are_kept(tiny_pipe):
+    """xformers enabled on a UNet module, or a dispatcher backend set on a DiT, survives install()."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from attnedit.processors.projections import xformers_attention
+
+    class XFormersAttnProcessor(AttnProcessor2_0):  # stands in for diffusers' class (its kernels need CUDA)
+        pass
+
+    pipe = tiny_pipe("sd15")
+    module = zoo.denoiser(pipe).down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    original = module.processor
+    module.set_processor(XFormersAttnProcessor())
+    try:
+        with install(pipe):
+            assert module.processor.native is xformers_attention
+    finally:
+        module.set_processor(original)
+    flux = tiny_pipe("flux")
+    attn = zoo.denoiser(flux).transformer_blocks[0].attn
+    attn.processor._attention_backend = "native"
+    try:
+        with install(flux):
+            assert attn.processor._attention_backend == "native"
+    finally:
+        attn.processor._attention_backend = None

@@ -3,4 +3,4 @@
 from .edit_processor import EditProcessor
 from .projections import IO, Projected
 
-__all__ = ["EditProcessor", "IO", "Projected"]
+__all__ = ["IO", "EditProcessor", "Projected"]

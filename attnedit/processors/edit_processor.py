@@ -8,7 +8,7 @@ import torch
 
 from ..attention import attend
 from ..families import AttentionCall, Site, unet_grid
-from .projections import IO, Projected
+from .projections import IO, Projected, xformers_attention
 
 if TYPE_CHECKING:
     from ..install import Installation
@@ -30,6 +30,9 @@ class EditProcessor:
         self.installation = installation
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
+        self.attention_op = getattr(original, "attention_op", None)
+        # keep the kernel the user chose: enable_xformers_memory_efficient_attention() swaps in XFormers* processors
+        self.native = xformers_attention if type(original).__name__.startswith("XFormers") else self.io.native
 
     def __call__(
         self,
@@ -51,10 +54,10 @@ class EditProcessor:
         if edits or self.installation.backend == "reference":
             call = self._call(p)
             active = [e for e in edits if e.covers(call)]
-            native = lambda q, k, v, mask: self.io.native(q, k, v, mask, self)  # noqa: E731
+            native = lambda q, k, v, mask: self.native(q, k, v, mask, self)  # noqa: E731
             out = attend(p.q, p.k, p.v, p.mask, call, active, native, self.installation.backend)
         else:
-            out = self.io.native(p.q, p.k, p.v, p.mask, self)
+            out = self.native(p.q, p.k, p.v, p.mask, self)
         return self.io.finish(attn, out, p, self)
 
     def _call(self, p: Projected) -> AttentionCall:

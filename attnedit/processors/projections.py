@@ -9,8 +9,9 @@ block expects. The math between them belongs to :mod:`attnedit.attention`. The h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,20 @@ def dispatched(q, k, v, mask, processor) -> torch.Tensor:
     out = dispatch_attention_fn(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=0.0, is_causal=False,
         backend=processor._attention_backend, parallel_config=processor._parallel_config,
+    )
+    return out.transpose(1, 2)
+
+
+def xformers_attention(q, k, v, mask, processor) -> torch.Tensor:
+    """xFormers memory-efficient attention (CUDA), kept where the user enabled xformers on the model."""
+    import xformers.ops
+
+    bias = None
+    if mask is not None:
+        bias = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])  # stride-0 broadcast, no copy
+    out = xformers.ops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, op=getattr(processor, "attention_op", None)
     )
     return out.transpose(1, 2)
 
