@@ -40,3 +40,17 @@ def test_app_builds(tiny_pipe):
     import gradio as gr
 
     assert isinstance(build_app(tiny_pipe("sd15"), "tiny:sd15"), gr.Blocks)
+
+
+def test_generate_writes_png_with_parameters(tmp_path):
+    from attnedit.outputs import read_png_parameters
+
+    out = tmp_path / "cat.png"
+    assert main(["generate", "a red cat", "--out", str(out), "--steps", "2", "--seed", "3"]) == 0
+    params = read_png_parameters(out)
+    assert params["prompt"] == "a red cat" and params["seed"] == 3 and params["steps"] == 2
+
+
+def test_generate_bad_steps_exits_2(tmp_path, capsys):
+    assert main(["generate", "a red cat", "--out", str(tmp_path / "x.png"), "--steps", "0"]) == 2
+    assert "steps=0 must be >= 1" in capsys.readouterr().err
