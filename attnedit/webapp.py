@@ -61,8 +61,8 @@ def build_app(pipe, model_name: str):
                     guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance scale")
                     button = gr.Button("Generate", variant="primary")
                 with gr.Column():
-                    image = gr.Image(label="Image", format="png")
-                    maps = gr.Gallery(label="Cross-attention per token", columns=4)
+                    image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320)
+                    maps = gr.Gallery(label="Cross-attention per token", columns=4, elem_id="maps-gallery")
             button.click(run, [prompt, seed, steps, guidance], [image, maps], api_name="generate", concurrency_id="model")
     return demo
 
