@@ -1,5 +1,8 @@
 """``install(model_or_pipeline, *edits)``: put the edit processor on every attention site, restore on exit.
 
+Installing on a model that already has an installation nests: the new edits join the enclosing ones (after
+them) and leave on exit, so ``with perturbed_guidance(pipe, ...): with install(pipe, KeyMask(...)):`` composes.
+
 The step index and the CFG branch of each batch row are read without touching diffusers' forwards: a forward
 pre-hook on the denoiser sees the timestep and the batch. A new timestep is a new step; a repeated timestep is
 another pass of the same step (Wan, FLUX and HunyuanVideo run cond, then uncond); a timestep that moves against
@@ -87,15 +90,23 @@ class Installation:
             raise ValueError(f"backend={backend!r}; valid: {list(BACKENDS)}")
         self.pipeline = target if _is_pipeline(target) else None
         self.models = _denoisers(target)
+        self._originals: list[tuple[torch.nn.Module, Any]] = []
+        self._hooks: list[Any] = []
+        self._edits: tuple[Edit, ...] = ()
+        self._by_site: dict[Site, list[Edit]] = {}
+        self._owner = _installed_on(self.models)
+        if self._owner is not None:  # nested: add our edits to the installation already there
+            owner = self._owner
+            if backend not in ("auto", owner.backend):
+                raise ValueError(f"backend={backend!r} differs from the enclosing installation's {owner.backend!r}")
+            self.family, self.sites, self.state, self.backend = owner.family, owner.sites, owner.state, owner.backend
+            self.edits = edits
+            return
         self.family = detect_family(self.models[0])
         self.sites = self.family.sites(self.models[0])
         self.backend = backend
         self.state = RunState(self.family, self.pipeline)
-        self._edits: tuple[Edit, ...] = ()
-        self._by_site: dict[Site, list[Edit]] = {}
         self.edits = edits
-        self._originals: list[tuple[torch.nn.Module, Any]] = []
-        self._hooks: list[Any] = []
         self._attach()
 
     # -- edits ---------------------------------------------------------------------------------------------
@@ -109,9 +120,21 @@ class Installation:
             if not isinstance(edit, Edit):
                 raise TypeError(f"{edit!r} is not an attnedit Edit")
             edit.validate(self.sites, self.family.name)
-        self._edits = tuple(edits)
+        previous, self._edits = self._edits, tuple(edits)
+        if self._owner is not None:
+            self._owner._nested_changed(previous, self._edits)
+        else:
+            self._index()
+
+    def _nested_changed(self, removed: tuple[Edit, ...], added: tuple[Edit, ...]) -> None:
+        """A nested installation swapped its edits: keep ours first, then every nested one in install order."""
+        self._nested = [e for e in getattr(self, "_nested", []) if all(e is not r for r in removed)] + list(added)
+        self._index()
+
+    def _index(self) -> None:
+        every = self._edits + tuple(getattr(self, "_nested", []))
         self._by_site = {
-            site: [e for e in self._edits if (e.kinds is None or site.kind in e.kinds) and (e.layers is None or site.layer in e.layers)]
+            site: [e for e in every if (e.kinds is None or site.kind in e.kinds) and (e.layers is None or site.layer in e.layers)]
             for site in self.sites
         }
 
@@ -142,12 +165,6 @@ class Installation:
     def _attach(self) -> None:
         try:
             for model in self.models:
-                for name, module in model.named_modules():
-                    if isinstance(getattr(module, "processor", None), EditProcessor):
-                        raise ValueError(
-                            f"attnedit is already installed on {type(model).__name__}.{name}; "
-                            "pass all edits to one install() or change handle.edits"
-                        )
                 modules = dict(model.named_modules())
                 for site in self.sites:
                     module = modules[site.name]
@@ -166,7 +183,11 @@ class Installation:
         return hook
 
     def remove(self) -> None:
-        """Restore the original processors and remove the hooks (idempotent)."""
+        """Restore the original processors and remove the hooks (idempotent); a nested one takes back its edits."""
+        if self._owner is not None:
+            self._owner._nested_changed(self._edits, ())
+            self._edits, self._owner = (), None
+            return
         while self._originals:
             module, original = self._originals.pop()
             module.set_processor(original)
@@ -194,6 +215,16 @@ def install(target: Any, *edits: Edit, backend: str = "auto") -> Installation:
     ...     image = pipe("a cat").images[0]
     """
     return Installation(target, edits, backend)
+
+
+def _installed_on(models: list[torch.nn.Module]) -> Installation | None:
+    """The installation whose processors already sit on these models, if any."""
+    for model in models:
+        for module in model.modules():
+            processor = getattr(module, "processor", None)
+            if isinstance(processor, EditProcessor):
+                return processor.installation
+    return None
 
 
 def _is_pipeline(target: Any) -> bool:

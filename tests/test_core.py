@@ -75,15 +75,25 @@ def test_edit_changes_output_and_disappears_after_exit(tiny_pipe, family):
     assert torch.equal(stock(pipe, family), expected)
 
 
-def test_restore_when_install_fails_midway(tiny_pipe):
+def test_nested_install_composes_and_takes_back_its_edits(tiny_pipe):
+    """install() inside install() adds edits to the enclosing one; leaving restores exactly what was there."""
     pipe = tiny_pipe("sd15")
     before = processors(pipe)
-    handle = install(pipe)
-    with pytest.raises(ValueError, match="already installed"):
-        install(pipe)
-    handle.remove()
-    handle.remove()  # idempotent
+    blend, mask = HeadBlend(strength=0.6, heads={0: (1,)}), KeyMask(mask=_square_mask())
+    together = run(pipe, "sd15", blend, mask)
+    kwargs = {**zoo.call_kwargs("sd15"), "output_type": "latent"}
+    with install(pipe, blend) as outer:
+        with install(pipe, mask) as inner:
+            assert inner.edits == (mask,) and outer.edits == (blend,)
+            nested = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0))[0]
+        alone = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0))[0]
+        inner.remove()  # idempotent
+    assert torch.equal(nested, together)
+    assert torch.equal(alone, run(pipe, "sd15", blend))
     assert all(processors(pipe)[k] is before[k] for k in before)
+    with pytest.raises(ValueError, match="differs from the enclosing"):
+        with install(pipe):
+            install(pipe, backend="reference")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
