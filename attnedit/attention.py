@@ -106,18 +106,38 @@ def dense_attention(
 
 def flex_attention(q, k, v, mask: torch.Tensor | None, block: BlockMask) -> torch.Tensor:
     """Block-masked attention through FlexAttention; ``mask`` may only be a bool key mask (B, 1, 1, S_k)."""
+    keys = None if mask is None else mask[:, 0, 0, :].expand(q.shape[0], -1).to(q.device)
+    return _compiled_flex()(q, k, v, block_mask=flex_block_mask(block, keys, q.device))
+
+
+_FLEX_MASKS: dict[tuple, tuple[torch.Tensor, object]] = {}
+
+
+def flex_block_mask(block: BlockMask, keys: torch.Tensor | None, device: torch.device):
+    """FlexAttention BlockMask of ``block`` AND a per-key keep ``keys`` (B, S_k), built once per block table.
+
+    Cached by the identity of ``block.blocks`` (treated as read-only) and the content of ``keys``, so an edit that
+    returns the same table every call (radial attention caches one per geometry) pays ``create_block_mask`` once.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    table = block.blocks.to(q.device)
-    size = block.block_size
-    keys = None if mask is None else mask[:, 0, 0, :].expand(q.shape[0], -1).to(q.device)
+    ident = (id(block.blocks), block.block_size, block.num_queries, block.num_keys, str(device))
+    content = None if keys is None else (tuple(keys.shape), keys.cpu().numpy().tobytes())
+    hit = _FLEX_MASKS.get((ident, content))
+    if hit is not None and hit[0] is block.blocks:
+        return hit[1]
+    table, size = block.blocks.to(device), block.block_size
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = table[q_idx // size, kv_idx // size]
         return allowed if keys is None else allowed & keys[b, kv_idx]
 
-    bm = create_block_mask(mask_mod, q.shape[0] if keys is not None else None, None, q.shape[2], k.shape[2], device=q.device)
-    return _compiled_flex()(q, k, v, block_mask=bm)
+    batch = keys.shape[0] if keys is not None else None
+    bm = create_block_mask(mask_mod, batch, None, block.num_queries, block.num_keys, device=device)
+    if len(_FLEX_MASKS) >= 16:
+        _FLEX_MASKS.pop(next(iter(_FLEX_MASKS)))
+    _FLEX_MASKS[(ident, content)] = (block.blocks, bm)
+    return bm
 
 
 _FLEX = None
