@@ -1,0 +1,167 @@
+"""Key masking in self-attention, the inpainting mechanism of DesignEdit.
+
+Implements the key-masked self-attention of Jia et al., "DesignEdit: Multi-Layered Latent Decomposition and
+Fusion for Unified & Accurate Image Editing" (arXiv:2403.14487, AAAI 2025):
+
+    Attn = softmax(Q ((1 - M) * K)^T / sqrt(d)) V
+
+Keys inside the (dilated) removal mask M are suppressed for every query, so the region is re-synthesised from
+its surroundings by the model's own self-attention. ``mode="soft"`` is the paper's form ((1 - M) * K: masked
+keys keep a logit of 0); ``mode="hard"`` (default) gives masked keys a -inf logit, so they receive exactly zero
+attention weight (the stricter variant of later work, better for removal).
+
+This module turns user masks into that edit:
+
+* :func:`load_mask` reads a PIL image, numpy array, tensor, file path or box ``(x0, y0, x1, y1)`` and binarizes
+  it: a pixel is masked when its value, scaled to [0, 1] (8-bit images are divided by 255), is **> threshold**
+  (default 0.5, i.e. > 127 for 8-bit masks). Colour masks are averaged over channels first.
+* :func:`dilate_mask` grows a mask by ``px`` pixels (square neighbourhood), the paper's ``attend_scale``.
+* :class:`DesignKeyMask` is the core :class:`~attnedit.edits.KeyMask` restricted to self-attention and the
+  conditional branch by default; it resamples the mask to each attention grid once (a per-key vector, never
+  S x S) and is exactly a no-op when the mask hides no key of a grid.
+
+>>> edit = DesignKeyMask.from_mask(load_mask((8, 8, 40, 40), size=(64, 64)), dilation=4, steps=(0, 40))
+>>> with install(pipe, edit):                    # a stock SD pipeline: its CFG batch is [uncond, cond]  # doctest: +SKIP
+...     image = pipe("", height=64, width=64).images[0]
+>>> with install(pipe.unet, edit) as handle, handle.branches("uncond", "cond"):   # your own loop  # doctest: +SKIP
+...     eps = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([emb, emb])).sample
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .edits import KeyMask, resize_mask
+
+if TYPE_CHECKING:
+    from .families import AttentionCall
+
+MaskLike = Union[str, os.PathLike, "np.ndarray", torch.Tensor, Any, tuple, list]
+
+
+def box_mask(box: tuple[int, int, int, int] | list[int], size: tuple[int, int]) -> torch.Tensor:
+    """Bool ``(H, W)`` mask of the pixel box ``(x0, y0, x1, y1)`` (x1, y1 exclusive) on an image of ``size=(H, W)``."""
+    if len(box) != 4 or not all(isinstance(v, (int, np.integer)) for v in box):
+        raise ValueError(f"box={box!r} must be four integers (x0, y0, x1, y1) in pixels")
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h, w = size
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"box={box!r} must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} (image {w}x{h})")
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _to_array(mask: Any) -> np.ndarray:
+    """Float array in [0, 1], (H, W), from a path, PIL image, numpy array or tensor."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(mask, (str, os.PathLike)):
+        try:
+            with Image.open(mask) as image:
+                mask = image.convert("L").copy()
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"mask={str(mask)!r} cannot be read as an image: {error}") from None
+    if isinstance(mask, Image.Image):
+        return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, np.ndarray):
+        raise ValueError(f"mask of type {type(mask).__name__} is not a path, PIL image, array, tensor or box")  # noqa: TRY004
+    array = mask.astype(np.float32)
+    if mask.dtype == np.uint8 or (mask.dtype.kind in "iu" and array.max(initial=0) > 1):
+        array = array / 255.0
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 3:  # (H, W, C) colour mask
+        array = array.mean(axis=-1)
+    if array.ndim != 2:
+        raise ValueError(f"mask array has shape {mask.shape}; expected (H, W), (1, H, W) or (H, W, C)")
+    return array
+
+
+def load_mask(mask: MaskLike, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """Bool ``(H, W)`` mask (True = edit here) for an image of ``size=(H, W)``.
+
+    ``mask`` is a path, PIL image, numpy array, tensor or box ``(x0, y0, x1, y1)``; values are scaled to [0, 1]
+    (8-bit: / 255) and a pixel is masked when its value is > ``threshold``. The mask must have the image's size.
+    """
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold={threshold} must be in [0, 1)")
+    if isinstance(mask, (tuple, list)):
+        return box_mask(mask, size)
+    array = _to_array(mask)
+    if tuple(array.shape) != tuple(size):
+        raise ValueError(
+            f"mask size {array.shape[1]}x{array.shape[0]} (WxH) does not match the image size {size[1]}x{size[0]}"
+        )
+    return torch.from_numpy(array > threshold)
+
+
+def dilate_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """Grow a bool ``(H, W)`` mask by ``px`` pixels in every direction (square neighbourhood); ``px=0`` copies."""
+    if not isinstance(px, (int, np.integer)) or px < 0:
+        raise ValueError(f"dilation={px!r} must be a non-negative integer number of pixels")
+    if px == 0:
+        return mask.clone()
+    grown = F.max_pool2d(mask[None, None].float(), kernel_size=2 * px + 1, stride=1, padding=px)
+    return grown[0, 0] > 0
+
+
+def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """Raise ValueError for an empty or full bool mask (nothing to edit / nothing to fill from)."""
+    covered = float(mask.float().mean())
+    if covered == 0.0:
+        raise ValueError(f"{name} is empty (no pixel above the threshold): nothing to edit")
+    if covered == 1.0:
+        raise ValueError(f"{name} covers the whole image: no unmasked pixel is left to fill it from")
+    return mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class DesignKeyMask(KeyMask):
+    """:class:`KeyMask` for DesignEdit: self-attention keys of the conditional branch, one cached vector per grid.
+
+    ``mask`` is ``(H, W)`` in [0, 1] at any resolution of the image's aspect ratio (True/1 = suppress); a key is
+    masked when more than ``threshold`` of its grid cell is covered. Calls where the mask hides no key, or
+    (hard mode) every key, are left untouched, so an empty mask is exactly no edit.
+    """
+
+    kinds: frozenset[str] | None = frozenset({"self"})
+    branches: frozenset[str] | None = frozenset({"cond"})
+    _grids: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask.ndim != 2:
+            raise ValueError(f"DesignKeyMask takes an (H, W) image mask, got shape {tuple(self.mask.shape)}")
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, dilation: int = 20, **kwargs: Any) -> DesignKeyMask:
+        """Edit from a bool pixel mask ``(H, W)``, dilated by ``dilation`` px first (the paper's ``attend_scale``)."""
+        return cls(mask=dilate_mask(mask.bool(), dilation), **kwargs)
+
+    def _hidden(self, call: AttentionCall) -> torch.Tensor:
+        key = (call.grid, call.num_keys, call.image_keys.start, str(call.device))
+        if key not in self._grids:
+            hidden = torch.zeros(call.num_keys, dtype=torch.bool)
+            hidden[call.image_keys] = resize_mask(self.mask.float(), call.grid, self.threshold).flatten()
+            self._grids[key] = hidden.to(call.device) if 0 < int(hidden.sum()) < call.num_keys else None
+        return self._grids[key]
+
+    def key_keep(self, call: AttentionCall) -> torch.Tensor | None:
+        hidden = self._hidden(call)
+        return None if hidden is None or self.mode == "soft" else ~hidden[None]
+
+    def key_scale(self, call: AttentionCall) -> torch.Tensor | None:
+        hidden = self._hidden(call)
+        return None if hidden is None or self.mode == "hard" else (~hidden).to(call.dtype)[None]
+
+    def __repr__(self) -> str:
+        return f"DesignKeyMask(mask={tuple(self.mask.shape)}, mode={self.mode!r}, steps={self.steps}, branches={sorted(self.branches or [])})"
