@@ -120,11 +120,13 @@ def is_done(out_dir: Path, job: Job) -> bool:
     return (out_dir / f"{job.id}.json").exists()
 
 
-def run_job(pipe: Any, job: Job, out_dir: Path, model_name: str) -> list[str]:
+def run_job(pipe: Any, job: Job, out_dir: Path, model_name: str | None) -> list[str]:
     """Run one job and write its outputs, then its sidecar (the done marker)."""
+    from .loading import tiny_defaults
+
     start = time.perf_counter()
-    images = TASKS[job.task](pipe, job.params)
-    record = {**job.record(), "model": model_name}
+    images = TASKS[job.task](pipe, {**tiny_defaults(model_name, job.task), **job.params})
+    record = {**job.record(), "model": model_name or "default"}
     names = []
     for index, image in enumerate(images):
         name = f"{job.id}.png" if len(images) == 1 else f"{job.id}_{index}.png"
@@ -163,7 +165,7 @@ def run_batch(
             continue
         for job in group:
             try:
-                run_job(pipe, job, out_dir, model or "default")
+                run_job(pipe, job, out_dir, model)
                 summary.done.append(job.id)
             except Exception as error:
                 _fail(out_dir, job, summary, f"{type(error).__name__}: {error}", bar, traceback.format_exc())
@@ -182,20 +184,135 @@ def _fail(out_dir: Path, job: Job, summary: Summary, message: str, bar: Any, tra
 # --- built-in tasks -------------------------------------------------------------------------------------------
 
 
-@task("generate")
-def generate_task(pipe: Any, params: dict[str, Any]) -> list:
-    """Text to image with a stock pipeline: prompt, negative_prompt, seed, steps, guidance_scale, width, height."""
-    import torch
-
-    allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "num_images"}
+def _check_params(task_name: str, params: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(params) - allowed
     if unknown:
-        raise ValueError(f"generate: unknown parameter(s) {sorted(unknown)}; valid: {sorted(allowed)}")
-    if not str(params.get("prompt", "")).strip():
+        raise ValueError(f"{task_name}: unknown parameter(s) {sorted(unknown)}; valid: {sorted(allowed)}")
+
+
+@task("generate")
+def generate_task(pipe: Any, params: dict[str, Any]) -> list:
+    """Text to image with a stock pipeline, optionally refocused to a ``layout`` and guided away from ``heads``.
+
+    Parameters: prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images; ``layout`` (a
+    refocusing layout: dict or JSON path; its prompt is used unless ``prompt`` is given), ``refocus_steps``;
+    ``heads`` (head set, e.g. "L1H0,L1H1" or a ranking file), ``pag_scale``, ``pag_strength``.
+    """
+    import contextlib
+
+    import torch
+
+    allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "num_images",
+               "layout", "refocus_steps", "heads", "pag_scale", "pag_strength"}
+    _check_params("generate", params, allowed)
+    layout = _layout(params)
+    prompt = params.get("prompt") or (layout.prompt if layout else "")
+    if not str(prompt).strip():
         raise ValueError("generate: prompt is required")
-    if int(params.get("steps", 30)) < 1:
+    steps = int(params.get("steps", 30))
+    if steps < 1:
         raise ValueError(f"generate: steps={params['steps']} must be >= 1")
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height") if k in params}
     generator = torch.Generator("cpu").manual_seed(int(params.get("seed", 0)))
-    return pipe(params["prompt"], num_inference_steps=int(params.get("steps", 30)), generator=generator,
-                num_images_per_prompt=int(params.get("num_images", 1)), **kwargs).images
+    guidance = contextlib.nullcontext()
+    if params.get("heads"):
+        from .head_guidance import perturbed_guidance
+
+        guidance = perturbed_guidance(pipe, params["heads"], scale=float(params.get("pag_scale", 3.0)),
+                                      strength=float(params.get("pag_strength", 1.0)))
+    with guidance:
+        if layout is not None:
+            return _refocused(pipe, layout, prompt, steps, generator, params, kwargs)
+        return pipe(prompt, num_inference_steps=steps, generator=generator,
+                    num_images_per_prompt=int(params.get("num_images", 1)), **kwargs).images
+
+
+def _layout(params: dict[str, Any]) -> Any:
+    if not params.get("layout"):
+        return None
+    from .refocusing import Layout
+
+    source = params["layout"]
+    layout = Layout.from_dict(source) if isinstance(source, dict) else Layout.from_json(source)
+    return Layout(params["prompt"], layout.regions) if params.get("prompt") else layout
+
+
+def _refocused(pipe: Any, layout: Any, prompt: str, steps: int, generator: Any, params: dict, kwargs: dict) -> list:
+    from .pipelines.refocusing import refocus
+    from .refocusing import RefocusConfig
+
+    config = RefocusConfig(refocus_steps=int(params.get("refocus_steps", min(25, steps // 2))))
+    return refocus(pipe, layout, config=config, num_inference_steps=steps, generator=generator, **kwargs).images
+
+
+EDIT_OPERATIONS = ("remove", "move", "resize", "flip", "zoom-out", "pan", "compose")
+
+
+@task("edit")
+def edit_task(pipe: Any, params: dict[str, Any]) -> list:
+    """DesignEdit operation on a real image: ``operation`` in EDIT_OPERATIONS, ``image``, ``mask`` (path or box
+    [x0, y0, x1, y1]), ``dx``/``dy`` (move), ``scale`` (resize, zoom-out), ``direction`` (flip h|v; pan
+    left|right|up|down), ``amount`` (pan, px), ``layers`` (compose: [{image, mask, dx, dy}]), ``steps``, ``dilation``."""
+    from .pipelines.design_edit import DesignEditConfig, DesignEditor, ObjectLayer
+
+    allowed = {"operation", "image", "mask", "dx", "dy", "scale", "direction", "amount", "layers", "steps", "dilation",
+               "guidance_scale"}
+    _check_params("edit", params, allowed)
+    operation = params.get("operation")
+    if operation not in EDIT_OPERATIONS:
+        raise ValueError(f"edit: operation={operation!r}; valid: {list(EDIT_OPERATIONS)}")
+    for needed in ("image",) + (("mask",) if operation in ("remove", "move", "resize", "flip") else ()):
+        if needed not in params:
+            raise ValueError(f"edit {operation}: {needed} is required")
+    config = DesignEditConfig(num_steps=int(params.get("steps", 50)), guidance_scale=float(params.get("guidance_scale", 7.5)))
+    editor, image, mask = DesignEditor(pipe, config), params["image"], _mask_value(params.get("mask"))
+    extra = {"dilation": int(params["dilation"])} if "dilation" in params else {}
+    if operation == "remove":
+        return [editor.remove(image, mask, **extra)]
+    if operation == "move":
+        return [editor.move(image, mask, int(params.get("dx", 0)), int(params.get("dy", 0)), **extra)]
+    if operation == "resize":
+        return [editor.resize(image, mask, float(params.get("scale", 1.0)), **extra)]
+    if operation == "flip":
+        return [editor.flip(image, mask, params.get("direction", "h"), **extra)]
+    if operation == "zoom-out":
+        return [editor.zoom_out(image, float(params.get("scale", 0.5)), **extra)]
+    if operation == "pan":
+        return [editor.pan(image, params.get("direction", "left"), int(params.get("amount", 0)), **extra)]
+    layers = [ObjectLayer(layer["image"], _mask_value(layer["mask"]), int(layer.get("dx", 0)), int(layer.get("dy", 0))) for layer in params.get("layers", [])]
+    return [editor.compose(image, layers, remove=_mask_value(params.get("mask")))]
+
+
+def _mask_value(mask: Any) -> Any:
+    """A mask given as a list of 4 numbers is a box (x0, y0, x1, y1); anything else passes through."""
+    return tuple(mask) if isinstance(mask, list) and len(mask) == 4 and all(isinstance(v, (int, float)) for v in mask) else mask
+
+
+@task("video")
+def video_task(pipe: Any, params: dict[str, Any]) -> list:
+    """Text to video (Wan, HunyuanVideo) with radial attention unless ``radial`` is false; returns the frames.
+
+    Parameters: prompt, negative_prompt, seed, steps, guidance_scale, width, height, frames, radial (bool),
+    dense_steps, dense_layers, decay.
+    """
+    import torch
+    from PIL import Image
+
+    from .pipelines.radial import generate_radial
+
+    allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "frames", "radial",
+               "dense_steps", "dense_layers", "decay"}
+    _check_params("video", params, allowed)
+    if not str(params.get("prompt", "")).strip():
+        raise ValueError("video: prompt is required")
+    kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height") if k in params}
+    kwargs.update(num_inference_steps=int(params.get("steps", 30)), output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(int(params.get("seed", 0))))
+    if "frames" in params:
+        kwargs["num_frames"] = int(params["frames"])
+    if params.get("radial", True):
+        overrides = {k: params[k] for k in ("dense_steps", "dense_layers", "decay") if k in params}
+        frames = generate_radial(pipe, params["prompt"], radial=overrides, **kwargs).frames[0]
+    else:
+        frames = pipe(params["prompt"], **kwargs).frames[0]
+    return [Image.fromarray((frame * 255).round().clip(0, 255).astype("uint8")) for frame in frames]

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 
 EXAMPLES = """examples:
   attnedit generate "a red circle left of a blue square" --out out.png
+  attnedit generate --layout layout.json --heads L1H0,L1H1 --out grounded.png
+  attnedit edit remove photo.png --mask mask.png --out clean.png
+  attnedit video "a ball rolling" --frames 9 --out frames/
+  attnedit heads --model tiny:sd3 --prompt "a cat" --layers 0-1 --workdir runs/hh
   attnedit batch jobs.jsonl --out results/  # resumable; under `accelerate launch` jobs are sharded
   attnedit sites                          # attention sites of the default offline tiny model
   attnedit sites --model stabilityai/stable-diffusion-3.5-medium
@@ -28,21 +32,88 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_model: str | None = None) -> int:
+    """Run one batch task from the command line and save its outputs with their parameters."""
     from pathlib import Path
 
-    from .batch import generate_task
-    from .loading import load_pipeline
+    from .batch import TASKS
+    from .loading import load_pipeline, tiny_defaults
     from .outputs import save_png
 
-    params = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps}
-    params.update({k: v for k, v in (("guidance_scale", args.guidance), ("width", args.width), ("height", args.height),
-                                     ("negative_prompt", args.negative)) if v is not None})
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    image = generate_task(pipe, params)[0]
-    save_png(Path(args.out), image, {**params, "model": args.model or "default"})
-    print(args.out)
+    params = {k: v for k, v in params.items() if v is not None}
+    model = args.model or default_model
+    params = {**tiny_defaults(model, task_name), **params}
+    pipe = load_pipeline(model, args.device, args.dtype)
+    images = TASKS[task_name](pipe, params)
+    out = Path(args.out)
+    record = {**params, "task": task_name, "model": model or "default"}
+    if len(images) == 1:
+        save_png(out, images[0], record)
+        print(out)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)  # several images (video frames): a folder of numbered PNGs
+    for index, image in enumerate(images):
+        save_png(out / f"{index:04d}.png", image, record)
+    _maybe_mp4(out, images, args)
+    print(out)
     return 0
+
+
+def _maybe_mp4(out, images, args: argparse.Namespace) -> None:
+    if not getattr(args, "mp4", False):
+        return
+    import numpy as np
+    from diffusers.utils import export_to_video
+
+    frames = [np.asarray(image, dtype=np.float32) / 255.0 for image in images]
+    export_to_video(frames, str(out / "video.mp4"), fps=args.fps)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    return _run_task(args, "generate", {
+        "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance,
+        "width": args.width, "height": args.height, "negative_prompt": args.negative, "layout": args.layout,
+        "refocus_steps": args.refocus_steps, "heads": args.heads, "pag_scale": args.pag_scale,
+        "pag_strength": args.pag_strength,
+    })
+
+
+def _edit(args: argparse.Namespace) -> int:
+    mask = args.mask
+    if args.box:
+        try:
+            mask = [int(v) for v in args.box.split(",")]
+        except ValueError:
+            raise ValueError(f"--box={args.box!r} must be x0,y0,x1,y1 integer pixels") from None
+        if len(mask) != 4:
+            raise ValueError(f"--box={args.box!r} must be x0,y0,x1,y1 integer pixels")
+    layers = [dict(zip(("image", "mask", "dx", "dy"), _layer(spec))) for spec in args.layer or []]
+    return _run_task(args, "edit", {
+        "operation": args.operation, "image": args.image, "mask": mask, "dx": args.dx, "dy": args.dy,
+        "scale": args.scale, "direction": args.direction, "amount": args.amount, "steps": args.steps,
+        "dilation": args.dilation, "layers": layers or None,
+    })
+
+
+def _layer(spec: str) -> tuple:
+    parts = spec.split(":")
+    if len(parts) != 4:
+        raise ValueError(f"--layer={spec!r} must be IMAGE:MASK:DX:DY")
+    return parts[0], parts[1], int(parts[2]), int(parts[3])
+
+
+def _video(args: argparse.Namespace) -> int:
+    return _run_task(args, "video", {
+        "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance,
+        "width": args.width, "height": args.height, "frames": args.frames, "radial": not args.dense,
+        "dense_steps": args.dense_steps, "dense_layers": args.dense_layers, "decay": args.decay,
+    }, default_model="tiny:wan")
+
+
+def _heads(args: argparse.Namespace) -> int:
+    from .headhunter import main as headhunter_main
+
+    return headhunter_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -97,8 +168,16 @@ def _app(args: argparse.Namespace) -> int:
     return app_main((["--model", args.model] if args.model else []) + ["--port", str(args.port)])
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, local folder or tiny:<family> (default: tiny:sd15)")
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+
+
+def _model_options(parser: argparse.ArgumentParser, default: str = "tiny:sd15") -> None:
+    parser.add_argument("--model", help=f"hub id, local folder or tiny:<family> (default: {default})")
     parser.add_argument("--device", help="cpu, cuda, mps (default: fastest available)")
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: by device)")
 
@@ -109,17 +188,54 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="text to image", epilog='example: attnedit generate "a red cat" --out cat.png')
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="text to image, optionally refocused to a layout and head-guided",
+                         epilog='example: attnedit generate "a red cat" --layout layout.json --heads L1H0 --out cat.png')
+    gen.add_argument("prompt", nargs="?", help="the prompt (default: the layout's)")
     gen.add_argument("--out", default="out.png", help="PNG path (parameters embedded)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
+    _sampling_options(gen)
     gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--layout", help="refocusing layout JSON: {prompt, regions: [{phrase, boxes: [[x0,y0,x1,y1]]}]}")
+    gen.add_argument("--refocus-steps", type=int, help="steps with latent refocusing (default: min(25, steps/2))")
+    gen.add_argument("--heads", help="perturbed-attention guidance heads, e.g. 'L1H0,L1H1', '7:3', 'L7' or ranking.json")
+    gen.add_argument("--pag-scale", type=float, help="guidance scale of the perturbed branch (default 3.0)")
+    gen.add_argument("--pag-strength", type=float, help="SoftPAG u in [0, 1] (default 1.0)")
     _model_options(gen)
     gen.set_defaults(run=_generate)
+    edit = sub.add_parser("edit", help="edit a real image by key masking (DesignEdit)",
+                          epilog="example: attnedit edit remove photo.png --mask mask.png --out clean.png")
+    edit.add_argument("operation", choices=["remove", "move", "resize", "flip", "zoom-out", "pan", "compose"])
+    edit.add_argument("image", help="the source image (the background for compose)")
+    edit.add_argument("--mask", help="mask image (white = object / region)")
+    edit.add_argument("--box", help="a box instead of a mask: x0,y0,x1,y1 in pixels")
+    edit.add_argument("--dx", type=int, help="move: pixels right")
+    edit.add_argument("--dy", type=int, help="move: pixels down")
+    edit.add_argument("--scale", type=float, help="resize: object scale; zoom-out: image scale in (0, 1)")
+    edit.add_argument("--direction", help="flip: h or v; pan: left, right, up or down")
+    edit.add_argument("--amount", type=int, help="pan: pixels")
+    edit.add_argument("--layer", action="append", help="compose: IMAGE:MASK:DX:DY (repeat)")
+    edit.add_argument("--steps", type=int, help="DDIM steps (default 50)")
+    edit.add_argument("--dilation", type=int, help="mask dilation in pixels")
+    edit.add_argument("--out", default="edited.png")
+    _model_options(edit)
+    edit.set_defaults(run=_edit)
+    video = sub.add_parser("video", help="text to video with radial sparse attention (Wan, HunyuanVideo)",
+                           epilog='example: attnedit video "a red ball rolling" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 81 --mp4')
+    video.add_argument("prompt")
+    video.add_argument("--out", default="video", help="folder for the frames (and video.mp4 with --mp4)")
+    _sampling_options(video)
+    video.add_argument("--frames", type=int, help="number of frames")
+    video.add_argument("--dense", action="store_true", help="dense attention (radial off)")
+    video.add_argument("--dense-steps", type=int, help="first steps kept dense (preset: 12)")
+    video.add_argument("--dense-layers", type=int, help="first layers kept dense")
+    video.add_argument("--decay", type=float, help="radial decay factor gamma")
+    video.add_argument("--mp4", action="store_true", help="also write video.mp4 (needs imageio)")
+    video.add_argument("--fps", type=int, default=16)
+    _model_options(video, default="tiny:wan")
+    video.set_defaults(run=_video)
+    heads = sub.add_parser("heads", help="HeadHunter search for heads to perturb (options: attnedit heads --help)",
+                           add_help=False)
+    heads.add_argument("rest", nargs=argparse.REMAINDER)
+    heads.set_defaults(run=_heads)
     batch = sub.add_parser(
         "batch", help="run a JSONL/YAML job file (resumable; shards under accelerate launch)",
         epilog="example: accelerate launch --num_processes 2 -m attnedit.cli batch jobs.jsonl --out results/",
@@ -139,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["heads"]:  # the search has its own options; hand them over untouched (incl. --help)
+        argv = ["heads", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -47,3 +47,18 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     else:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=pick_dtype(device, dtype))
     return pipe.to(device)
+
+
+def tiny_defaults(model: str | None, task_name: str) -> dict:
+    """The offline tiny models only work at their small sizes: the task parameters to use unless given."""
+    from . import zoo
+
+    model = model or DEFAULT_MODEL
+    family = model[len(TINY_PREFIX):] if model.startswith(TINY_PREFIX) else None
+    if family not in zoo.FAMILIES or task_name == "edit":
+        return {}
+    defaults = zoo.call_kwargs(family)
+    out = {k: defaults[k] for k in ("width", "height") if k in defaults}
+    if task_name == "video" and "num_frames" in defaults:
+        out["frames"] = defaults["num_frames"]
+    return out

@@ -114,3 +114,22 @@ def test_two_process_accelerate_run_shards_jobs(tmp_path):
     assert sorted(ranks[0]) == ["j0", "j2"] and sorted(ranks[1]) == ["j1", "j3"]
     assert all((out / f"j{i}.png").exists() for i in range(4))
     assert "4 done" in result.stdout
+
+
+def test_mixed_tasks_and_models_in_one_batch(tmp_path):
+    """generate, edit and video jobs; one pipeline per model; a video job writes one PNG per frame."""
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
+    jobs = [
+        {"task": "edit", "id": "e", "operation": "remove", "image": str(photo), "mask": [8, 8, 24, 24], "steps": 3},
+        {"task": "video", "id": "v", "model": "tiny:wan", "prompt": "a ball", "steps": 2},
+        {"task": "generate", "id": "g", "prompt": "a cat", "steps": 2},
+    ]
+    spec = write_jobs(tmp_path / "jobs.jsonl", jobs)
+    assert main(["batch", str(spec), "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert Image.open(out / "e.png").size == (64, 48)
+    assert json.loads((out / "v.json").read_text())["outputs"] == [f"v_{i}.png" for i in range(5)]
+    assert read_png_parameters(out / "v_0.png")["model"] == "tiny:wan"
