@@ -1,13 +1,19 @@
-"""The Gradio app: generate with the edit core and see what each prompt word attends to."""
+"""The Gradio app: attention maps, grounded generation, DesignEdit, head guidance and radial video, one tab each.
+
+The work of each tab is a plain function in :mod:`attnedit.webapp_tabs`; this module only lays out components.
+Every button shares ``concurrency_id="model"``: one job at a time touches the model.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from . import webapp_tabs as tabs
 from .attention_maps import token_heatmaps
 from .edits import AttentionRecorder
 from .install import install
@@ -41,29 +47,177 @@ def generate_with_maps(pipe, prompt: str, seed: int, steps: int, guidance: float
     return image, gallery
 
 
-def build_app(pipe, model_name: str):
+def friendly(fn):
+    """Show a ValueError to the user as a gr.Error message."""
     import gradio as gr
 
-    def run(prompt, seed, steps, guidance):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         try:
-            return generate_with_maps(pipe, prompt, int(seed), int(steps), float(guidance))
+            return fn(*args, **kwargs)
         except ValueError as error:
             raise gr.Error(str(error)) from None
 
-    with gr.Blocks(title="attnedit") as demo:
-        gr.Markdown(f"# attnedit\nModel: `{model_name}`. Generate an image and see where each word of the prompt looks.")
-        with gr.Tab("Attention maps"):
+    return wrapper
+
+
+def maps_tab(pipe) -> None:
+    import gradio as gr
+
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square")
+            seed = gr.Number(label="Seed", value=0, precision=0)
+            steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+            guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance scale")
+            button = gr.Button("Generate", variant="primary")
+        with gr.Column():
+            image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320)
+            maps = gr.Gallery(label="Cross-attention per token", columns=4, elem_id="maps-gallery")
+    run = friendly(lambda p, s, n, g: generate_with_maps(pipe, p, int(s), int(n), float(g)))
+    button.click(run, [prompt, seed, steps, guidance], [image, maps], api_name="generate", concurrency_id="model")
+
+
+def grounded_tab(pipe) -> None:
+    import gradio as gr
+
+    boxes_value = "a cat: 0.05,0.2,0.5,0.9\na dog: 0.5,0.2,0.95,0.9"
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", value="a cat and a dog on the grass", elem_id="grounded-prompt")
+            boxes = gr.Textbox(label="Boxes: one 'phrase: x0,y0,x1,y1' per line (0..1; several boxes: ';')",
+                               value=boxes_value, lines=4, elem_id="grounded-boxes")
             with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square")
-                    seed = gr.Number(label="Seed", value=0, precision=0)
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance scale")
-                    button = gr.Button("Generate", variant="primary")
-                with gr.Column():
-                    image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320)
-                    maps = gr.Gallery(label="Cross-attention per token", columns=4, elem_id="maps-gallery")
-            button.click(run, [prompt, seed, steps, guidance], [image, maps], api_name="generate", concurrency_id="model")
+                seed = gr.Number(label="Seed", value=0, precision=0)
+                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+            with gr.Row():
+                refocus_steps = gr.Slider(0, MAX_STEPS, value=10, step=1, label="Refocused steps")
+                guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance scale")
+            button = gr.Button("Generate with layout", variant="primary", elem_id="grounded-run")
+        with gr.Column():
+            preview = gr.Image(label="Layout", value=tabs.preview_layout(boxes_value), height=256, interactive=False)
+            image = gr.Image(label="Image", format="png", elem_id="grounded-image", height=256)
+            maps = gr.Gallery(label="Cross-attention per phrase", columns=4, elem_id="grounded-maps", height=180)
+    boxes.change(tabs.preview_layout, boxes, preview, queue=False, api_visibility="private")
+    run = friendly(functools.partial(tabs.run_grounded, pipe))
+    button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance], [image, maps], api_name="grounded",
+                 concurrency_id="model")
+
+
+def edit_tab(pipe) -> None:
+    import gradio as gr
+
+    with gr.Row():
+        with gr.Column():
+            editor = gr.ImageEditor(label="Image: upload, then paint over the object", type="numpy",
+                                    brush=gr.Brush(colors=["#ff0000"], default_size=12), elem_id="edit-editor",
+                                    height=320)
+            box = gr.Textbox(label="...or mask from a box: x0,y0,x1,y1 in pixels (used when set)", elem_id="edit-box")
+            operation = gr.Radio(list(tabs.OPERATIONS), value="remove", label="Operation")
+            with gr.Row():
+                dx = gr.Number(label="move dx (px)", value=16, precision=0)
+                dy = gr.Number(label="move dy (px)", value=0, precision=0)
+                scale = gr.Number(label="resize / zoom-out scale", value=0.5)
+            with gr.Row():
+                direction = gr.Dropdown(list(tabs.DIRECTIONS), value="h", label="flip (h|v) / pan direction")
+                amount = gr.Number(label="pan amount (px)", value=16, precision=0)
+                steps = gr.Slider(2, MAX_STEPS, value=12, step=1, label="Steps")
+            button = gr.Button("Edit", variant="primary", elem_id="edit-run")
+        with gr.Column():
+            result = gr.Image(label="Result", format="png", elem_id="edit-image", height=320)
+
+    def run(value, box_text, operation, dx, dy, scale, direction, amount, steps):
+        image = None if not value or value.get("background") is None else value["background"]
+        mask = tabs.parse_box(box_text)
+        mask = tabs.editor_mask(value) if mask is None else mask
+        return tabs.run_edit(pipe, image, mask, operation, dx=dx, dy=dy, scale=scale, direction=direction,
+                             amount=amount, steps=steps)
+
+    inputs = [editor, box, operation, dx, dy, scale, direction, amount, steps]
+    button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model")
+
+
+def guidance_tab(pipe) -> None:
+    import gradio as gr
+
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", value="a red cat sitting on a blue square", elem_id="guidance-prompt")
+            heads = gr.Textbox(label="Heads ('L1H0,L1H1', '1:0', 'L1' = every head of layer 1)", value="L1H0,L1H1")
+            ranking = gr.File(label="...or a HeadHunter ranking JSON", file_types=[".json"], type="filepath", height=80)
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, precision=0)
+                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+            with gr.Row():
+                guidance = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="CFG scale")
+                scale = gr.Slider(0.0, 10.0, value=3.0, step=0.5, label="Head guidance scale (w_pag)")
+                strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Strength u")
+            button = gr.Button("Generate both", variant="primary", elem_id="guidance-run")
+        with gr.Column(), gr.Row():
+            plain = gr.Image(label="Without head guidance", format="png", elem_id="guidance-off", height=320)
+            guided = gr.Image(label="With head guidance", format="png", elem_id="guidance-on", height=320)
+    run = friendly(functools.partial(tabs.run_head_guidance, pipe))
+    button.click(run, [prompt, heads, ranking, seed, steps, guidance, scale, strength], [plain, guided],
+                 api_name="head_guidance", concurrency_id="model")
+
+
+def video_tab(pipe) -> None:
+    import gradio as gr
+
+    own = tabs.is_video(pipe)
+    note = ("Radial attention on this video model." if own else
+            "Radial attention needs a video model (Wan, HunyuanVideo). This app's model is not one, so the tab "
+            "loads the tiny offline Wan pipeline on the first run (random weights: it shows the mechanics only).")
+    cached = {"pipe": pipe if own else None}
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown(note)
+            prompt = gr.Textbox(label="Prompt", value="a fox running in the snow", elem_id="video-prompt")
+            radial = gr.Checkbox(label="Radial attention", value=True)
+            with gr.Row():
+                dense_steps = gr.Number(label="Dense steps", value=1 if not own else 12, precision=0)
+                dense_layers = gr.Number(label="Dense layers", value=1, precision=0)
+                decay = gr.Number(label="Decay", value=0.2)
+                block = gr.Dropdown([16, 32, 64, 128], value=128 if own else 16, label="Block size")
+            with gr.Row():
+                frames = gr.Number(label="Frames", value=33 if own else 25, precision=0)
+                height = gr.Number(label="Height", value=480 if own else 128, precision=0)
+                width = gr.Number(label="Width", value=832 if own else 128, precision=0)
+            with gr.Row():
+                steps = gr.Slider(1, MAX_STEPS, value=30 if own else 4, step=1, label="Steps")
+                seed = gr.Number(label="Seed", value=0, precision=0)
+            button = gr.Button("Generate video", variant="primary", elem_id="video-run")
+        with gr.Column():
+            video = gr.Video(label="Video", elem_id="video-out", visible=tabs.has_video_export())
+            gallery = gr.Gallery(label="Frames", columns=5, elem_id="video-frames", height="auto")
+
+    def run(prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed):
+        if cached["pipe"] is None:
+            cached["pipe"] = tabs.load_tiny_video_pipeline()
+        out = tabs.run_video(cached["pipe"], prompt, radial=radial, dense_steps=dense_steps, dense_layers=dense_layers,
+                             decay=decay, block_size=block, frames=frames, height=height, width=width, steps=steps,
+                             seed=seed)
+        return tabs.frames_to_video(out), out
+
+    inputs = [prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed]
+    button.click(friendly(run), inputs, [video, gallery], api_name="video", concurrency_id="model")
+
+
+def build_app(pipe, model_name: str):
+    import gradio as gr
+
+    with gr.Blocks(title="attnedit") as demo:
+        gr.Markdown(f"# attnedit\nModel: `{model_name}`. Edit what the model attends to.")
+        with gr.Tab("Attention maps"):
+            maps_tab(pipe)
+        with gr.Tab("Grounded generation"):
+            grounded_tab(pipe)
+        with gr.Tab("Edit"):
+            edit_tab(pipe)
+        with gr.Tab("Head guidance"):
+            guidance_tab(pipe)
+        with gr.Tab("Video"):
+            video_tab(pipe)
     return demo
 
 

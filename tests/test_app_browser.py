@@ -52,21 +52,107 @@ def page(app_url):
         browser.close()
 
 
-def test_generation_shows_an_image_and_token_maps(page, tmp_path):
-    page.get_by_label("Prompt").fill("a red circle")
-    page.get_by_role("button", name="Generate").click()
-    image = page.locator("#maps-image img")
-    image.wait_for(state="visible", timeout=120_000)
-    assert image.evaluate("img => img.naturalWidth") == 64
-    page.locator("#maps-gallery img").first.wait_for(state="visible", timeout=60_000)
-    assert page.locator("#maps-gallery img").count() >= 3
+def close_toasts(page) -> None:
+    for close in page.locator(".toast-close").all():
+        close.click()
+    page.wait_for_function("() => !document.querySelector('.toast-body')", timeout=10_000)
+
+
+def shoot(page, tmp_path, name: str) -> None:
+    """Full-page screenshot, into docs/screenshots with ATTNEDIT_SCREENSHOTS=1, else into tmp_path."""
     folder = SCREENSHOTS if os.environ.get("ATTNEDIT_SCREENSHOTS") else tmp_path
     folder.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(folder / "attention-maps.png"), full_page=True)
-    assert (folder / "attention-maps.png").stat().st_size > 10_000
+    close_toasts(page)
+    shown = "[...document.images].filter(img => img.offsetParent)"  # the open tab's images, loaded
+    page.wait_for_function(f"() => {shown}.every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+    assert (folder / f"{name}.png").stat().st_size > 10_000
+
+
+def open_tab(page, name: str) -> None:
+    close_toasts(page)
+    page.get_by_role("tab", name=name).click()
+
+
+def run_and_wait(page, button, selector: str, timeout: int = 120_000) -> int:
+    """Click ``button``, wait for the first image under ``selector`` (fail at once on an error toast); its width."""
+    close_toasts(page)
+    button.click()
+    image, error = page.locator(f"{selector} img").first, page.locator(".toast-body.error")
+    image.or_(error).first.wait_for(state="visible", timeout=timeout)
+    assert not error.count(), error.first.inner_text()
+    page.wait_for_function(f"() => document.querySelector('{selector} img')?.naturalWidth > 0", timeout=timeout)
+    return image.evaluate("img => img.naturalWidth")
+
+
+def test_generation_shows_an_image_and_token_maps(page, tmp_path):
+    open_tab(page, "Attention maps")
+    page.get_by_label("Prompt").first.fill("a red circle")
+    assert run_and_wait(page, page.get_by_role("button", name="Generate", exact=True), "#maps-image") == 64
+    page.locator("#maps-gallery img").first.wait_for(state="visible", timeout=60_000)
+    assert page.locator("#maps-gallery img").count() >= 3
+    shoot(page, tmp_path, "attention-maps")
 
 
 def test_bad_input_shows_a_message(page):
-    page.get_by_label("Prompt").fill("   ")
-    page.get_by_role("button", name="Generate").click()
+    open_tab(page, "Attention maps")
+    page.get_by_label("Prompt").first.fill("   ")
+    page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_selector("text=the prompt is empty", timeout=60_000)
+
+
+def test_grounded_generation_shows_image_and_phrase_maps(page, tmp_path):
+    open_tab(page, "Grounded generation")
+    page.locator("#grounded-boxes textarea").fill("a cat: 0.05,0.2,0.5,0.9\na dog: 0.5,0.3,0.95,0.95")
+    assert run_and_wait(page, page.locator("#grounded-run"), "#grounded-image") == 64
+    page.locator("#grounded-maps img").first.wait_for(state="visible", timeout=60_000)
+    assert page.locator("#grounded-maps img").count() == 2
+    shoot(page, tmp_path, "grounded-generation")
+
+
+def test_grounded_bad_box_shows_a_message(page):
+    open_tab(page, "Grounded generation")
+    page.locator("#grounded-boxes textarea").fill("a cat: 0.5,0.2,0.1,0.9")
+    page.locator("#grounded-run").click()
+    page.wait_for_selector("text=must have x1 > x0", timeout=60_000)
+    page.locator("#grounded-boxes textarea").fill("a cat: 0.05,0.2,0.5,0.9\na dog: 0.5,0.3,0.95,0.95")
+
+
+def test_edit_uploads_an_image_and_removes_a_box(page, tiny_pipe, tmp_path):
+    from PIL import Image
+
+    from attnedit.webapp import generate_with_maps
+
+    source = tmp_path / "source.png"
+    Image.fromarray(generate_with_maps(tiny_pipe("sd15"), "a red cat", 1, 4, 7.5)[0]).save(source)
+    open_tab(page, "Edit")
+    page.locator("#edit-editor input[type=file]").set_input_files(str(source))
+    page.locator("#edit-editor .zoom-number").wait_for(state="visible", timeout=30_000)  # the image is on the canvas
+    page.locator("#edit-box").get_by_role("textbox").fill("16,16,40,48")
+    result, error = page.locator("#edit-image img").first, page.locator(".toast-body.error")
+    for _ in range(8):  # the editor hands its value over a moment after drawing it (a frontend race, headless)
+        close_toasts(page)
+        page.locator("#edit-run").click()
+        result.or_(error).first.wait_for(state="visible", timeout=120_000)
+        if not error.count():
+            break
+        assert "upload an image first" in error.first.inner_text()
+        page.wait_for_timeout(1000)
+    assert not error.count(), error.first.inner_text()
+    page.wait_for_function("() => document.querySelector('#edit-image img')?.naturalWidth > 0", timeout=120_000)
+    assert result.evaluate("img => img.naturalWidth") == 64
+    shoot(page, tmp_path, "edit")
+
+
+def test_head_guidance_shows_both_images(page, tmp_path):
+    open_tab(page, "Head guidance")
+    assert run_and_wait(page, page.locator("#guidance-run"), "#guidance-on") == 64
+    assert page.locator("#guidance-off img").evaluate("img => img.naturalWidth") == 64
+    shoot(page, tmp_path, "head-guidance")
+
+
+def test_video_tab_loads_tiny_wan_and_shows_frames(page, tmp_path):
+    open_tab(page, "Video")
+    run_and_wait(page, page.locator("#video-run"), "#video-frames")
+    assert page.locator("#video-frames img").count() == 25
+    shoot(page, tmp_path, "video")

@@ -1,0 +1,233 @@
+"""What the app's method tabs run: grounded generation, DesignEdit, head guidance and radial video.
+
+Plain functions (arrays and strings in, uint8 arrays out, ValueError on bad input) over the method APIs, so they
+are tested without a browser; :mod:`attnedit.webapp` lays out the Gradio components around them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .attention_maps import token_heatmaps
+from .edits import AttentionRecorder
+from .families import detect_family
+from .head_guidance import load_heads, perturbed_guidance
+from .pipelines.design_edit import PAN_DIRECTIONS, DesignEditConfig, DesignEditor
+from .pipelines.radial import generate_radial
+from .pipelines.refocusing import refocus
+from .radial import RadialAttention
+from .refocusing import Layout, RefocusConfig, Region, token_layout
+from .zoo import denoiser, load_tiny_pipeline
+
+MAX_STEPS = 100
+COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
+OPERATIONS = ("remove", "move", "resize", "flip", "zoom out", "pan")
+VIDEO_FAMILIES = ("wan", "hunyuan_video")
+DIRECTIONS = ("h", "v", *PAN_DIRECTIONS)  # flip, then pan
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    """Float image(s) in [0, 1] -> uint8."""
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _normalized(heat: torch.Tensor) -> np.ndarray:
+    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
+    return (heat.numpy() * 255).astype(np.uint8)
+
+
+def _check_steps(steps: int) -> int:
+    if not 1 <= int(steps) <= MAX_STEPS:
+        raise ValueError(f"steps={steps} must be in 1..{MAX_STEPS}")
+    return int(steps)
+
+
+def _check_prompt(prompt: str) -> str:
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    return prompt.strip()
+
+
+# ------------------------------------------------------------------------------------- grounded generation
+def parse_layout(prompt: str, text: str) -> Layout:
+    """A Layout from lines ``phrase: x0,y0,x1,y1`` (normalized; several boxes separated by ``;``)."""
+    regions = []
+    for number, line in enumerate(text.strip().splitlines(), start=1):
+        if not line.strip():
+            continue
+        phrase, sep, boxes = line.rpartition(":")
+        if not sep or not phrase.strip():
+            raise ValueError(f"line {number} {line.strip()!r} must read 'phrase: x0,y0,x1,y1'")
+        try:
+            parsed = tuple(tuple(float(v) for v in box.split(",")) for box in boxes.split(";") if box.strip())
+        except ValueError:
+            raise ValueError(f"line {number} {line.strip()!r}: boxes must be numbers like 0.1,0.2,0.5,0.9") from None
+        regions.append(Region(phrase.strip(), parsed))
+    return Layout(_check_prompt(prompt), tuple(regions))
+
+
+def draw_layout(layout: Layout, size: int = 256) -> np.ndarray:
+    """A white (size, size, 3) canvas with each phrase's boxes outlined and labelled in its own colour."""
+    canvas = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+    for region, color in zip(layout.regions, COLORS * 8):
+        for x0, y0, x1, y1 in region.boxes:
+            draw.rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=color, width=3)
+            draw.text((x0 * size + 5, y0 * size + 4), region.phrase, fill=color)
+    return np.asarray(canvas)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DetachedRecorder(AttentionRecorder):
+    """Records without the autograd graph (refocusing forwards run with gradients)."""
+
+    def record(self, call: Any, probs: torch.Tensor) -> None:
+        super().record(call, probs.detach())
+
+
+def run_grounded(pipe: Any, prompt: str, boxes: str, seed: int, steps: int, refocus_steps: int,
+                 guidance: float) -> tuple[np.ndarray, list]:
+    """Refocused image (H, W, 3) uint8 and [(heat map, phrase)] averaged over each phrase's tokens."""
+    layout = parse_layout(prompt, boxes).with_phrases_in_prompt()
+    config = RefocusConfig(refocus_steps=int(refocus_steps))
+    sd3 = getattr(pipe, "transformer", None) is not None
+    recorder = _DetachedRecorder(kinds=frozenset({"joint" if sd3 else "cross"}), branches=frozenset({"cond"}),
+                                 queries="image" if sd3 else "all")
+    result = refocus(pipe, layout, config=config, edits=(recorder,), num_inference_steps=_check_steps(steps),
+                     generator=_gen(seed), guidance_scale=float(guidance), output_type="np")
+    image = _uint8(result.images[0])
+    heat = token_heatmaps(recorder.maps, size=image.shape[:2])
+    tokens = token_layout(pipe, layout)
+    maps = []
+    for region, members in zip(layout.regions, tokens.phrases):
+        positions = [tokens.content[i] for i in members]
+        maps.append((_normalized(heat[positions].mean(dim=0)), region.phrase))
+    return image, maps
+
+
+def preview_layout(boxes: str) -> np.ndarray | None:
+    try:
+        return draw_layout(parse_layout("preview", boxes))
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- DesignEdit
+def editor_mask(value: dict | None) -> np.ndarray | None:
+    """Bool (H, W) mask painted in a gr.ImageEditor value (any layer's alpha > 0), at the background's size."""
+    if not value or value.get("background") is None:
+        return None
+    height, width = value["background"].shape[:2]
+    mask = np.zeros((height, width), dtype=bool)
+    for layer in value.get("layers") or []:
+        if layer is None or layer.ndim != 3 or layer.shape[-1] != 4:
+            continue
+        alpha = Image.fromarray((layer[..., 3] > 0).astype(np.uint8) * 255)
+        mask |= np.asarray(alpha.resize((width, height), Image.NEAREST)) > 0
+    return mask if mask.any() else None
+
+
+def parse_box(text: str) -> list[int] | None:
+    """Pixel box ``x0,y0,x1,y1`` from text; None when empty."""
+    if not text or not text.strip():
+        return None
+    try:
+        box = [int(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise ValueError(f"mask box {text.strip()!r} must be four integers x0,y0,x1,y1 in pixels") from None
+    if len(box) != 4:
+        raise ValueError(f"mask box {text.strip()!r} must be four integers x0,y0,x1,y1 in pixels")
+    return box
+
+
+def run_edit(pipe: Any, image: np.ndarray | None, mask: Any, operation: str, *, dx: int = 0, dy: int = 0,
+             scale: float = 0.5, direction: str = "h", amount: int = 16, steps: int = 12) -> np.ndarray:
+    """Apply one DesignEdit ``operation`` to uint8 (H, W, 3) ``image``; ``mask`` is a bool array or pixel box."""
+    if image is None:
+        raise ValueError("upload an image first")
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation={operation!r} must be one of {OPERATIONS}")
+    if mask is None and operation not in ("zoom out", "pan"):
+        raise ValueError(f"'{operation}' needs a mask: paint over the object or give a box x0,y0,x1,y1")
+    editor = DesignEditor(pipe, DesignEditConfig(num_steps=_check_steps(steps)))
+    image = np.ascontiguousarray(image[..., :3].astype(np.uint8))
+    ops = {
+        "remove": lambda: editor.remove(image, mask),
+        "move": lambda: editor.move(image, mask, dx=int(dx), dy=int(dy)),
+        "resize": lambda: editor.resize(image, mask, scale=float(scale)),
+        "flip": lambda: editor.flip(image, mask, direction=direction),
+        "zoom out": lambda: editor.zoom_out(image, scale=float(scale)),
+        "pan": lambda: editor.pan(image, direction, int(amount)),
+    }
+    return np.asarray(ops[operation]())
+
+
+# -------------------------------------------------------------------------------------------- head guidance
+def run_head_guidance(pipe: Any, prompt: str, heads: str, ranking: str | None, seed: int, steps: int,
+                      guidance: float, scale: float, strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """(without, with) SoftPAG on ``heads`` (or the ranking file's heads), same seed."""
+    spec = load_heads(ranking) if ranking else heads.strip()
+    if not spec:
+        raise ValueError("give heads, e.g. 'L1H0,L1H1' or '1:0', or upload a HeadHunter ranking JSON")
+    kwargs = {"prompt": _check_prompt(prompt), "num_inference_steps": _check_steps(steps),
+              "guidance_scale": float(guidance), "output_type": "np"}
+    with perturbed_guidance(pipe, spec, scale=float(scale), strength=float(strength)):
+        guided = pipe(**kwargs, generator=_gen(seed)).images[0]
+    plain = pipe(**kwargs, generator=_gen(seed)).images[0]
+    return _uint8(plain), _uint8(guided)
+
+
+# -------------------------------------------------------------------------------------------------- video
+def is_video(pipe: Any) -> bool:
+    return detect_family(denoiser(pipe)).name in VIDEO_FAMILIES
+
+
+def run_video(pipe: Any, prompt: str, *, radial: bool, dense_steps: int, dense_layers: int, decay: float,
+              block_size: int, frames: int, height: int, width: int, steps: int, seed: int) -> list[np.ndarray]:
+    """Video frames (uint8 (H, W, 3) each) from a Wan / HunyuanVideo pipeline, radial attention on or off."""
+    kwargs = {"num_frames": int(frames), "height": int(height), "width": int(width), "output_type": "np",
+              "num_inference_steps": _check_steps(steps), "generator": _gen(seed)}
+    prompt = _check_prompt(prompt)
+    if radial:
+        overrides = {"dense_steps": int(dense_steps), "dense_layers": int(dense_layers), "decay": float(decay),
+                     "block_size": int(block_size)}
+        RadialAttention(**overrides)  # validate before the model runs
+        out = generate_radial(pipe, prompt, radial=overrides, **kwargs)
+    else:
+        out = pipe(prompt=prompt, **kwargs)
+    return list(_uint8(np.asarray(out.frames[0])))
+
+
+def load_tiny_video_pipeline() -> Any:
+    """The tiny offline Wan pipeline (for apps whose own model is not a video model)."""
+    pipe = load_tiny_pipeline("wan")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def has_video_export() -> bool:
+    """imageio + imageio-ffmpeg write browser-playable H.264 (diffusers' OpenCV fallback does not)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("imageio", "imageio_ffmpeg"))
+
+
+def frames_to_video(frames: list[np.ndarray], fps: int = 8) -> str | None:
+    """An mp4 path when :func:`has_video_export`, else None (the gallery shows the frames)."""
+    if not has_video_export():
+        return None
+    import tempfile
+
+    from diffusers.utils import export_to_video
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4", delete=False) as file:
+        path = file.name
+    return export_to_video([f.astype(np.float32) / 255 for f in frames], path, fps=fps)
