@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .outputs import atomic_write_json, save_png
+from .outputs import atomic_write_json, save_mp4, save_png
 
 Task = Callable[[Any, dict[str, Any]], list]  # (pipeline, params) -> list of PIL images
 TASKS: dict[str, Task] = {}
@@ -125,13 +125,18 @@ def run_job(pipe: Any, job: Job, out_dir: Path, model_name: str | None) -> list[
     from .loading import tiny_defaults
 
     start = time.perf_counter()
-    images = TASKS[job.task](pipe, {**tiny_defaults(model_name, job.task), **job.params})
+    params = {**tiny_defaults(model_name, job.task), **job.params}
+    images = TASKS[job.task](pipe, params)
     record = {**job.record(), "model": model_name or "default"}
     names = []
-    for index, image in enumerate(images):
-        name = f"{job.id}.png" if len(images) == 1 else f"{job.id}_{index}.png"
-        save_png(out_dir / name, image, record)
-        names.append(name)
+    if job.task == "video":
+        save_mp4(out_dir / f"{job.id}.mp4", images, int(params.get("fps", 16)))
+        names.append(f"{job.id}.mp4")
+    if job.task != "video" or params.get("save_frames"):
+        for index, image in enumerate(images):
+            name = f"{job.id}.png" if len(images) == 1 else f"{job.id}_{index}.png"
+            save_png(out_dir / name, image, record)
+            names.append(name)
     atomic_write_json(out_dir / f"{job.id}.json", {"status": "done", "job": record, "outputs": names,
                                                    "seconds": round(time.perf_counter() - start, 3)})
     (out_dir / f"{job.id}.error.json").unlink(missing_ok=True)
@@ -293,7 +298,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     """Text to video (Wan, HunyuanVideo) with radial attention unless ``radial`` is false; returns the frames.
 
     Parameters: prompt, negative_prompt, seed, steps, guidance_scale, width, height, frames, radial (bool),
-    dense_steps, dense_layers, decay.
+    dense_steps, dense_layers, decay; fps and save_frames (PNG frames beside the MP4) are for the writer.
     """
     import torch
     from PIL import Image
@@ -301,7 +306,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     from .pipelines.radial import generate_radial
 
     allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "frames", "radial",
-               "dense_steps", "dense_layers", "decay"}
+               "dense_steps", "dense_layers", "decay", "fps", "save_frames"}
     _check_params("video", params, allowed)
     if not str(params.get("prompt", "")).strip():
         raise ValueError("video: prompt is required")
@@ -310,6 +315,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
                   generator=torch.Generator("cpu").manual_seed(int(params.get("seed", 0))))
     if "frames" in params:
         kwargs["num_frames"] = int(params["frames"])
+    params = {k: v for k, v in params.items() if k not in ("fps", "save_frames")}
     if params.get("radial", True):
         overrides = {k: params[k] for k in ("dense_steps", "dense_layers", "decay") if k in params}
         frames = generate_radial(pipe, params["prompt"], radial=overrides, **kwargs).frames[0]

@@ -10,7 +10,7 @@ EXAMPLES = """examples:
   attnedit generate "a red circle left of a blue square" --out out.png
   attnedit generate --layout layout.json --heads L1H0,L1H1 --out grounded.png
   attnedit edit remove photo.png --mask mask.png --out clean.png
-  attnedit video "a ball rolling" --frames 9 --out frames/
+  attnedit video "a ball rolling" --frames 9 --out ball.mp4 --save-frames
   attnedit heads --model tiny:sd3 --prompt "a cat" --layers 0-1 --workdir runs/hh
   attnedit batch jobs.jsonl --out results/  # resumable; under `accelerate launch` jobs are sharded
   attnedit sites                          # attention sites of the default offline tiny model
@@ -47,26 +47,25 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     images = TASKS[task_name](pipe, params)
     out = Path(args.out)
     record = {**params, "task": task_name, "model": model or "default"}
+    if task_name == "video":
+        from .outputs import save_mp4
+
+        save_mp4(out, images, args.fps)
+        if args.save_frames:
+            frames = out.with_suffix("")
+            for index, image in enumerate(images):
+                save_png(frames / f"{index:04d}.png", image, record)
+        print(out)
+        return 0
     if len(images) == 1:
         save_png(out, images[0], record)
         print(out)
         return 0
-    out.mkdir(parents=True, exist_ok=True)  # several images (video frames): a folder of numbered PNGs
+    out.mkdir(parents=True, exist_ok=True)  # several images: a folder of numbered PNGs
     for index, image in enumerate(images):
         save_png(out / f"{index:04d}.png", image, record)
-    _maybe_mp4(out, images, args)
     print(out)
     return 0
-
-
-def _maybe_mp4(out, images, args: argparse.Namespace) -> None:
-    if not getattr(args, "mp4", False):
-        return
-    import numpy as np
-    from diffusers.utils import export_to_video
-
-    frames = [np.asarray(image, dtype=np.float32) / 255.0 for image in images]
-    export_to_video(frames, str(out / "video.mp4"), fps=args.fps)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -219,16 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(edit)
     edit.set_defaults(run=_edit)
     video = sub.add_parser("video", help="text to video with radial sparse attention (Wan, HunyuanVideo)",
-                           epilog='example: attnedit video "a red ball rolling" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 81 --mp4')
+                           epilog='example: attnedit video "a red ball rolling" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --frames 81 --out ball.mp4')
     video.add_argument("prompt")
-    video.add_argument("--out", default="video", help="folder for the frames (and video.mp4 with --mp4)")
+    video.add_argument("--out", default="video.mp4", help="MP4 path")
     _sampling_options(video)
     video.add_argument("--frames", type=int, help="number of frames")
     video.add_argument("--dense", action="store_true", help="dense attention (radial off)")
     video.add_argument("--dense-steps", type=int, help="first steps kept dense (preset: 12)")
     video.add_argument("--dense-layers", type=int, help="first layers kept dense")
     video.add_argument("--decay", type=float, help="radial decay factor gamma")
-    video.add_argument("--mp4", action="store_true", help="also write video.mp4 (needs imageio)")
+    video.add_argument("--save-frames", action="store_true", help="also write PNG frames into a folder beside the MP4")
     video.add_argument("--fps", type=int, default=16)
     _model_options(video, default="tiny:wan")
     video.set_defaults(run=_video)

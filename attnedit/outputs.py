@@ -69,3 +69,20 @@ def read_png_parameters(path: Path) -> dict[str, Any]:
     """The job JSON embedded by :func:`save_png`."""
     with Image.open(path) as image:
         return json.loads(image.text["attnedit"])
+
+
+def save_mp4(path: Path, frames: list[Image.Image], fps: int = 16) -> None:
+    """Atomically write H.264 MP4 (browser-playable, via diffusers' imageio export)."""
+    import numpy as np
+    from diffusers.utils import export_to_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.mp4")
+    os.close(fd)
+    try:
+        export_to_video([np.asarray(f, dtype=np.float32) / 255.0 for f in frames], tmp, fps=fps)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -41,11 +41,14 @@ def test_edit_operations(photo, tmp_path, operation, extra):
 
 
 @pytest.mark.parametrize("radial", [True, False])
-def test_video_writes_frames(tmp_path, radial):
-    out = tmp_path / "frames"
-    args = ["video", "a ball", "--steps", "2", "--frames", "5", "--out", str(out)] + ([] if radial else ["--dense"])
-    assert main(args) == 0
-    frames = sorted(out.glob("*.png"))
+def test_video_writes_mp4_and_frames(tmp_path, radial):
+    import imageio.v3 as iio
+
+    out = tmp_path / "ball.mp4"
+    args = ["video", "a ball", "--steps", "2", "--frames", "5", "--out", str(out), "--save-frames"]
+    assert main(args + ([] if radial else ["--dense"])) == 0
+    assert iio.imread(out).shape[0] == 5  # decodes: five frames
+    frames = sorted((tmp_path / "ball").glob("*.png"))
     assert len(frames) == 5 and read_png_parameters(frames[0])["radial"] is radial
 
 
