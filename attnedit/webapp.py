@@ -78,6 +78,16 @@ def maps_tab(pipe) -> None:
     button.click(run, [prompt, seed, steps, guidance], [image, maps], api_name="generate", concurrency_id="model")
 
 
+def _box_canvas():
+    """A blank canvas to draw named boxes on (gradio_image_annotation)."""
+    from gradio_image_annotation import image_annotator
+
+    return image_annotator(
+        value={"image": tabs.blank_canvas(), "boxes": []}, label_list=["phrase"], image_type="numpy",
+        show_label=False, elem_id="grounded-canvas",
+    )
+
+
 def grounded_tab(pipe) -> None:
     import gradio as gr
 
@@ -85,6 +95,9 @@ def grounded_tab(pipe) -> None:
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", value="a cat and a dog on the grass", elem_id="grounded-prompt")
+            with gr.Accordion("Draw boxes (label each with its phrase), then 'Use drawn boxes'", open=False):
+                canvas = _box_canvas()
+                use_drawn = gr.Button("Use drawn boxes", elem_id="grounded-use-drawn")
             boxes = gr.Textbox(label="Boxes: one 'phrase: x0,y0,x1,y1' per line (0..1; several boxes: ';')",
                                value=boxes_value, lines=4, elem_id="grounded-boxes")
             with gr.Row():
@@ -99,6 +112,7 @@ def grounded_tab(pipe) -> None:
             image = gr.Image(label="Image", format="png", elem_id="grounded-image", height=256)
             maps = gr.Gallery(label="Cross-attention per phrase", columns=4, elem_id="grounded-maps", height=180)
     boxes.change(tabs.preview_layout, boxes, preview, queue=False, api_visibility="private")
+    use_drawn.click(friendly(tabs.annotations_to_lines), canvas, boxes, api_visibility="private")
     run = friendly(functools.partial(tabs.run_grounded, pipe))
     button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance], [image, maps], api_name="grounded",
                  concurrency_id="model")

@@ -115,6 +115,34 @@ def run_grounded(pipe: Any, prompt: str, boxes: str, seed: int, steps: int, refo
     return image, maps
 
 
+CANVAS = 512  # pixels of the blank canvas boxes are drawn on
+
+
+def blank_canvas() -> np.ndarray:
+    return np.full((CANVAS, CANVAS, 3), 255, dtype=np.uint8)
+
+
+def annotations_to_lines(value: dict | None) -> str:
+    """Boxes drawn on the canvas (gradio_image_annotation value, pixels) -> 'phrase: x0,y0,x1,y1' lines (0..1).
+
+    The label of a drawn box is its phrase; several boxes with one label become one line joined by ';'.
+    """
+    boxes = (value or {}).get("boxes") or []
+    if not boxes:
+        raise ValueError("draw at least one box and name it with its phrase")
+    image = (value or {}).get("image")
+    height, width = (np.asarray(image).shape[:2] if image is not None and not isinstance(image, str) else (CANVAS, CANVAS))
+    by_phrase: dict[str, list[str]] = {}
+    for index, box in enumerate(boxes, start=1):
+        phrase = str(box.get("label") or "").strip()
+        if not phrase:
+            raise ValueError(f"box {index} has no label: name each box with its phrase from the prompt")
+        x0, x1 = sorted((box["xmin"] / width, box["xmax"] / width))
+        y0, y1 = sorted((box["ymin"] / height, box["ymax"] / height))
+        by_phrase.setdefault(phrase, []).append(",".join(f"{min(max(v, 0.0), 1.0):.3f}" for v in (x0, y0, x1, y1)))
+    return "\n".join(f"{phrase}: {';'.join(found)}" for phrase, found in by_phrase.items())
+
+
 def preview_layout(boxes: str) -> np.ndarray | None:
     try:
         return draw_layout(parse_layout("preview", boxes))

@@ -156,3 +156,12 @@ def test_video_tab_loads_tiny_wan_and_shows_frames(page, tmp_path):
     run_and_wait(page, page.locator("#video-run"), "#video-frames")
     assert page.locator("#video-frames img").count() == 25
     shoot(page, tmp_path, "video")
+
+
+def test_box_canvas_renders_and_asks_for_boxes(page):
+    open_tab(page, "Grounded generation")
+    page.get_by_text("Draw boxes (label each with its phrase)").click()
+    page.locator("#grounded-canvas canvas").first.wait_for(state="visible", timeout=30_000)
+    page.locator("#grounded-use-drawn").click()
+    page.wait_for_selector("text=draw at least one box", timeout=30_000)
+    close_toasts(page)

@@ -153,3 +153,23 @@ def test_video_frames_with_and_without_radial(tiny_pipe):
         run_video(pipe, "a fox", radial=True, **{**kw, "block_size": 24})
     path = frames_to_video(sparse)
     assert path is None or path.endswith(".mp4")
+
+
+def test_drawn_boxes_become_layout_lines():
+    import numpy as np
+
+    from attnedit.webapp_tabs import annotations_to_lines, parse_layout
+
+    value = {"image": np.zeros((200, 400, 3), np.uint8), "boxes": [
+        {"xmin": 0, "ymin": 20, "xmax": 200, "ymax": 180, "label": "a cat"},
+        {"xmin": 300, "ymin": 100, "xmax": 220, "ymax": 0, "label": "a dog"},  # drawn right-to-left
+        {"xmin": 380, "ymin": 150, "xmax": 400, "ymax": 200, "label": "a dog"},
+    ]}
+    lines = annotations_to_lines(value)
+    assert lines == "a cat: 0.000,0.100,0.500,0.900\na dog: 0.550,0.000,0.750,0.500;0.950,0.750,1.000,1.000"
+    layout = parse_layout("a cat and a dog", lines)
+    assert [len(r.boxes) for r in layout.regions] == [1, 2]
+    with pytest.raises(ValueError, match="draw at least one box"):
+        annotations_to_lines({"image": None, "boxes": []})
+    with pytest.raises(ValueError, match="box 1 has no label"):
+        annotations_to_lines({"boxes": [{"xmin": 0, "ymin": 0, "xmax": 5, "ymax": 5, "label": ""}]})
