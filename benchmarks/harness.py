@@ -73,6 +73,23 @@ def compare(
             "samples": len(base), "clock": clock}
 
 
+def captured_forward(pipe: Any, model: torch.nn.Module, **call_kwargs: Any) -> Callable[[], Any]:
+    """Run ``pipe(**call_kwargs)`` once and return a no-grad closure replaying ``model``'s first call in it."""
+    seen: dict[str, Any] = {}
+    hook = model.register_forward_pre_hook(lambda m, a, k: seen.setdefault("call", (a, k)), with_kwargs=True)
+    try:
+        pipe(**call_kwargs)
+    finally:
+        hook.remove()
+    args, kwargs = seen["call"]
+
+    @torch.no_grad()
+    def forward() -> Any:
+        return model(*args, **kwargs)
+
+    return forward
+
+
 def machine() -> dict[str, Any]:
     info = {
         "python": platform.python_version(),

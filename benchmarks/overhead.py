@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-from harness import compare, write_results
+from harness import captured_forward, compare, write_results
 
 from attnedit import install, zoo
 
@@ -27,28 +27,6 @@ SIZES = {  # pipeline kwargs that set the token count of the captured forward
     "wan": {"height": 256, "width": 256, "num_frames": 9},
     "hunyuan_video": {"height": 256, "width": 256, "num_frames": 9},
 }
-
-
-def captured_forward(pipe, family: str):
-    """Run the pipeline once and return a closure replaying its first denoiser call."""
-    model = zoo.denoiser(pipe)
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("call", (args, kwargs))
-
-    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        pipe(**{**zoo.call_kwargs(family), **SIZES[family], "num_inference_steps": 1, "output_type": "latent"})
-    finally:
-        handle.remove()
-    args, kwargs = seen["call"]
-
-    @torch.no_grad()
-    def forward():
-        return model(*args, **kwargs)
-
-    return forward
 
 
 def main() -> None:
@@ -63,7 +41,8 @@ def main() -> None:
     results = {}
     for family in args.families:
         pipe = zoo.load_tiny_pipeline(family)
-        forward = captured_forward(pipe, family)
+        call = {**zoo.call_kwargs(family), **SIZES[family], "num_inference_steps": 1, "output_type": "latent"}
+        forward = captured_forward(pipe, zoo.denoiser(pipe), **call)
         options = dict(rounds=args.rounds, repeats=args.repeats, clock=args.clock)
         timing = compare(forward, forward, variant_context=lambda: install(pipe), **options)
         control = compare(forward, forward, **options)  # A/A: the same code on both sides shows the noise floor

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from harness import compare, write_results
+from harness import captured_forward, compare, write_results
 
 from attnedit import zoo
 from attnedit.head_guidance import perturbed_guidance
@@ -39,24 +39,6 @@ def bench_pipeline(layers: int, heads: int, head_dim: int) -> StableDiffusion3Pi
     return pipe
 
 
-def captured_step(pipe: StableDiffusion3Pipeline, size: int):
-    """Run one CFG step of ``pipe`` and return a closure replaying its denoiser call."""
-    model, seen = pipe.transformer, {}
-    hook = model.register_forward_pre_hook(lambda m, a, k: seen.setdefault("call", (a, k)), with_kwargs=True)
-    try:
-        pipe(**{**zoo.call_kwargs("sd3"), "height": size, "width": size, "num_inference_steps": 1,
-                "output_type": "latent"}, generator=torch.Generator().manual_seed(0))
-    finally:
-        hook.remove()
-    args, kwargs = seen["call"]
-
-    @torch.no_grad()
-    def step():
-        return model(*args, **kwargs)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8, help="joint transformer blocks")
@@ -70,7 +52,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = bench_pipeline(args.layers, args.heads, args.head_dim)
-    step = captured_step(pipe, args.size)
+    call = {**zoo.call_kwargs("sd3"), "height": args.size, "width": args.size, "num_inference_steps": 1,
+            "output_type": "latent", "generator": torch.Generator().manual_seed(0)}
+    step = captured_forward(pipe, pipe.transformer, **call)  # one CFG step's denoiser call
     options = {"rounds": args.rounds, "repeats": args.repeats, "clock": args.clock}
     results = {"config": vars(args)}
     for where, layer in (("early", 0), ("late", args.layers - 1)):
