@@ -27,6 +27,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -409,6 +410,14 @@ def load_tiny_pipeline(family: str, cache_dir: str | os.PathLike | None = None, 
     processes never see a half-written pipeline; whoever renames first wins and the others reuse its copy.
     """
     _check_family(family)
+    with _LOAD_LOCK:  # diffusers' empty-weight loading and the seeded build patch global state: one thread at a time
+        return _load_tiny_pipeline(family, cache_dir, seed)
+
+
+_LOAD_LOCK = threading.RLock()
+
+
+def _load_tiny_pipeline(family: str, cache_dir: str | os.PathLike | None, seed: int) -> DiffusionPipeline:
     parent = _cache_root(cache_dir) / f"{_cache_key()}-seed{seed}"
     target = parent / family
     if not (target / "model_index.json").is_file():
