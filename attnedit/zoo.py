@@ -126,12 +126,12 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=1)
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn BPE merges over _WORDS (ties broken by pair order), so each listed word becomes exactly one token."""
+@functools.lru_cache(maxsize=4)
+def _clip_vocab_and_merges(word_list: tuple[str, ...] = tuple(_WORDS)) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn BPE merges over ``word_list`` (ties broken by pair order), so each listed word is exactly one token."""
     alphabet = _byte_alphabet()
     vocab = alphabet + [c + "</w>" for c in alphabet]
-    words = {tuple(w[:-1]) + (w[-1] + "</w>",) for w in _WORDS}
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",) for w in word_list}
     merges: list[tuple[str, str]] = []
     while pairs := Counter(p for w in words for p in itertools.pairwise(w)):
         best = min(pairs, key=lambda p: (-pairs[p], p))
@@ -142,26 +142,27 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}, merges
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    """CLIPTokenizer loaded from a generated vocab.json + merges.txt (byte-level BPE, model_max_length=77)."""
-    vocab, merges = _clip_vocab_and_merges()
+def clip_tokenizer(words: tuple[str, ...] | None = None, max_length: int = 77) -> CLIPTokenizer:
+    """CLIPTokenizer loaded from a generated vocab.json + merges.txt (byte-level BPE) whose whole-word tokens are
+    ``words`` (default: a small English word list)."""
+    vocab, merges = _clip_vocab_and_merges(tuple(words) if words else tuple(_WORDS))
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
         with open(vocab_file, "w", encoding="utf-8") as f:
             json.dump(vocab, f, ensure_ascii=False)
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
 
 
-@functools.lru_cache(maxsize=1)
-def _word_vocab() -> dict[str, int]:
-    return {tok: i for i, tok in enumerate(dict.fromkeys(_WORD_SPECIALS + _PUNCTUATION + _WORDS))}
+@functools.lru_cache(maxsize=4)
+def _word_vocab(words: tuple[str, ...] = tuple(_WORDS)) -> dict[str, int]:
+    return {tok: i for i, tok in enumerate(dict.fromkeys(_WORD_SPECIALS + _PUNCTUATION + list(words)))}
 
 
-def word_tokenizer(flavor: str) -> PreTrainedTokenizerFast:
+def word_tokenizer(flavor: str, words: tuple[str, ...] | None = None) -> PreTrainedTokenizerFast:
     """Word-level stand-in for the T5/UMT5 ("t5": appends </s>) or Llama ("llama": prepends BOS) tokenizers."""
-    vocab = _word_vocab()
+    vocab = _word_vocab(tuple(words) if words else tuple(_WORDS))
     tok = Tokenizer(WordLevel(dict(vocab), unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
