@@ -159,7 +159,7 @@ def run_batch(
     todo = [j for j in mine if not is_done(out_dir, j)]
     by_model: dict[str | None, list[Job]] = {}
     for job in todo:
-        by_model.setdefault(job.model or default_model, []).append(job)
+        by_model.setdefault(job.model or default_model or _task_default_model(job.task), []).append(job)
     bar = tqdm(total=len(todo), disable=not progress, desc=f"jobs[{process_index}]")
     for model, group in by_model.items():
         try:
@@ -178,6 +178,12 @@ def run_batch(
             bar.update(1)
     bar.close()
     return summary
+
+
+def _task_default_model(task_name: str) -> str:
+    from .loading import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
+
+    return DEFAULT_VIDEO_MODEL if task_name == "video" else DEFAULT_MODEL
 
 
 def _fail(out_dir: Path, job: Job, summary: Summary, message: str, bar: Any, trace: str = "") -> None:
@@ -257,11 +263,12 @@ EDIT_OPERATIONS = ("remove", "move", "resize", "flip", "zoom-out", "pan", "compo
 def edit_task(pipe: Any, params: dict[str, Any]) -> list:
     """DesignEdit operation on a real image: ``operation`` in EDIT_OPERATIONS, ``image``, ``mask`` (path or box
     [x0, y0, x1, y1]), ``dx``/``dy`` (move), ``scale`` (resize, zoom-out), ``direction`` (flip h|v; pan
-    left|right|up|down), ``amount`` (pan, px), ``layers`` (compose: [{image, mask, dx, dy}]), ``steps``, ``dilation``."""
+    left|right|up|down), ``amount`` (pan, px), ``layers`` (compose: [{image, mask, dx, dy}]), ``steps``, ``dilation``,
+    ``hole_noise`` (fresh noise in the hole, for small models)."""
     from .pipelines.design_edit import DesignEditConfig, DesignEditor, ObjectLayer
 
     allowed = {"operation", "image", "mask", "dx", "dy", "scale", "direction", "amount", "layers", "steps", "dilation",
-               "guidance_scale"}
+               "guidance_scale", "hole_noise"}
     _check_params("edit", params, allowed)
     operation = params.get("operation")
     if operation not in EDIT_OPERATIONS:
@@ -269,7 +276,8 @@ def edit_task(pipe: Any, params: dict[str, Any]) -> list:
     for needed in ("image",) + (("mask",) if operation in ("remove", "move", "resize", "flip") else ()):
         if needed not in params:
             raise ValueError(f"edit {operation}: {needed} is required")
-    config = DesignEditConfig(num_steps=int(params.get("steps", 50)), guidance_scale=float(params.get("guidance_scale", 7.5)))
+    config = DesignEditConfig(num_steps=int(params.get("steps", 50)), guidance_scale=float(params.get("guidance_scale", 7.5)),
+                              hole_noise=float(params.get("hole_noise", 0.0)))
     editor, image, mask = DesignEditor(pipe, config), params["image"], _mask_value(params.get("mask"))
     extra = {"dilation": int(params["dilation"])} if "dilation" in params else {}
     if operation == "remove":
@@ -298,7 +306,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     """Text to video (Wan, HunyuanVideo) with radial attention unless ``radial`` is false; returns the frames.
 
     Parameters: prompt, negative_prompt, seed, steps, guidance_scale, width, height, frames, radial (bool),
-    dense_steps, dense_layers, decay; fps and save_frames (PNG frames beside the MP4) are for the writer.
+    dense_steps, dense_layers, decay, max_sequence_length; fps and save_frames (PNG frames beside the MP4) are for the writer.
     """
     import torch
     from PIL import Image
@@ -306,11 +314,12 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     from .pipelines.radial import generate_radial
 
     allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "frames", "radial",
-               "dense_steps", "dense_layers", "decay", "fps", "save_frames"}
+               "dense_steps", "dense_layers", "decay", "fps", "save_frames", "max_sequence_length"}
     _check_params("video", params, allowed)
     if not str(params.get("prompt", "")).strip():
         raise ValueError("video: prompt is required")
-    kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height") if k in params}
+    kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height", "max_sequence_length")
+              if k in params}
     kwargs.update(num_inference_steps=int(params.get("steps", 30)), output_type="np",
                   generator=torch.Generator("cpu").manual_seed(int(params.get("seed", 0))))
     if "frames" in params:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .loading import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
+
 EXAMPLES = """examples:
   attnedit generate "a red circle left of a blue square" --out out.png
   attnedit generate --layout layout.json --heads L1H0,L1H1 --out grounded.png
@@ -41,7 +43,7 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     from .outputs import save_png
 
     params = {k: v for k, v in params.items() if v is not None}
-    model = args.model or default_model
+    model = args.model or default_model or DEFAULT_MODEL
     params = {**tiny_defaults(model, task_name), **params}
     pipe = load_pipeline(model, args.device, args.dtype)
     images = TASKS[task_name](pipe, params)
@@ -90,7 +92,7 @@ def _edit(args: argparse.Namespace) -> int:
     return _run_task(args, "edit", {
         "operation": args.operation, "image": args.image, "mask": mask, "dx": args.dx, "dy": args.dy,
         "scale": args.scale, "direction": args.direction, "amount": args.amount, "steps": args.steps,
-        "dilation": args.dilation, "layers": layers or None,
+        "dilation": args.dilation, "layers": layers or None, "hole_noise": args.hole_noise,
     })
 
 
@@ -106,7 +108,7 @@ def _video(args: argparse.Namespace) -> int:
         "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance,
         "width": args.width, "height": args.height, "frames": args.frames, "radial": not args.dense,
         "dense_steps": args.dense_steps, "dense_layers": args.dense_layers, "decay": args.decay,
-    }, default_model="tiny:wan")
+    }, default_model=DEFAULT_VIDEO_MODEL)
 
 
 def _heads(args: argparse.Namespace) -> int:
@@ -175,8 +177,9 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int)
 
 
-def _model_options(parser: argparse.ArgumentParser, default: str = "tiny:sd15") -> None:
-    parser.add_argument("--model", help=f"hub id, local folder or tiny:<family> (default: {default})")
+def _model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    parser.add_argument("--model", help=f"hub id, local folder, shapes-t2i, shapes-t2v or tiny:<family> "
+                                        f"(default: {default}, trained and built in)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: fastest available)")
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: by device)")
 
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--layer", action="append", help="compose: IMAGE:MASK:DX:DY (repeat)")
     edit.add_argument("--steps", type=int, help="DDIM steps (default 50)")
     edit.add_argument("--dilation", type=int, help="mask dilation in pixels")
+    edit.add_argument("--hole-noise", type=float,
+                      help="share of fresh noise in the hole's starting latent, 0..1 (paper: 0; shapes-t2i: 1)")
     edit.add_argument("--out", default="edited.png")
     _model_options(edit)
     edit.set_defaults(run=_edit)
@@ -229,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--decay", type=float, help="radial decay factor gamma")
     video.add_argument("--save-frames", action="store_true", help="also write PNG frames into a folder beside the MP4")
     video.add_argument("--fps", type=int, default=16)
-    _model_options(video, default="tiny:wan")
+    _model_options(video, default=DEFAULT_VIDEO_MODEL)
     video.set_defaults(run=_video)
     heads = sub.add_parser("heads", help="HeadHunter search for heads to perturb (options: attnedit heads --help)",
                            add_help=False)

@@ -1,4 +1,8 @@
-"""Load a pipeline from a hub id, a local folder, or the offline tiny zoo; pick device and dtype."""
+"""Load a pipeline from a hub id, a local folder, a built-in trained model or the tiny zoo; pick device and dtype.
+
+Without a model the CLI and the app use the built-in trained models (:mod:`attnedit.builtin`): ``shapes-t2i``
+for images and edits, ``shapes-t2v`` for video. They ship with the package, so the main job runs offline on a CPU.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 TINY_PREFIX = "tiny:"
-DEFAULT_MODEL = "tiny:sd15"
+DEFAULT_MODEL = "shapes-t2i"
+DEFAULT_VIDEO_MODEL = "shapes-t2v"
 
 
 def pick_device(device: str | None = None) -> str:
@@ -34,9 +39,14 @@ def pick_dtype(device: str, dtype: str | None = None) -> torch.dtype:
 
 
 def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None) -> DiffusionPipeline:
-    """``model``: a hub id, a local diffusers folder, or ``tiny:<family>`` (random weights, offline)."""
+    """``model``: a hub id, a local diffusers folder, a built-in model (``shapes-t2i``, ``shapes-t2v``: trained,
+    offline) or ``tiny:<family>`` (random weights, offline)."""
+    from .builtin import BUILTIN_MODELS, load_builtin
+
     model = model or DEFAULT_MODEL
     device = pick_device(device)
+    if model in BUILTIN_MODELS:
+        return load_builtin(model, device, pick_dtype(device, dtype) if device != "cpu" else torch.float32)
     if model.startswith(TINY_PREFIX):
         from . import zoo
 
@@ -45,15 +55,24 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
             raise ValueError(f"unknown tiny model {model!r}; valid: {[TINY_PREFIX + f for f in zoo.FAMILIES]}")
         pipe = zoo.load_tiny_pipeline(family)
     else:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=pick_dtype(device, dtype))
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=pick_dtype(device, dtype))
     return pipe.to(device)
 
 
 def tiny_defaults(model: str | None, task_name: str) -> dict:
-    """The offline tiny models only work at their small sizes: the task parameters to use unless given."""
+    """The built-in and tiny models only work at their small sizes: the task parameters to use unless given."""
     from . import zoo
+    from .builtin import BUILTIN_MODELS, CALL_DEFAULTS, EDIT_DEFAULTS
 
-    model = model or DEFAULT_MODEL
+    model = model or (DEFAULT_VIDEO_MODEL if task_name == "video" else DEFAULT_MODEL)
+    if model in BUILTIN_MODELS:
+        defaults = CALL_DEFAULTS[model]
+        if task_name == "edit":
+            return dict(EDIT_DEFAULTS.get(model, {}))
+        out = {k: defaults[k] for k in ("width", "height", "guidance_scale") if k in defaults}
+        if task_name == "video":
+            out.update(frames=defaults.get("num_frames"), max_sequence_length=defaults.get("max_sequence_length"))
+        return {k: v for k, v in out.items() if v is not None}
     family = model[len(TINY_PREFIX):] if model.startswith(TINY_PREFIX) else None
     if family not in zoo.FAMILIES or task_name == "edit":
         return {}

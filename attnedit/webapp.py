@@ -91,10 +91,11 @@ def _box_canvas():
 def grounded_tab(pipe) -> None:
     import gradio as gr
 
-    boxes_value = "a cat: 0.05,0.2,0.5,0.9\na dog: 0.5,0.2,0.95,0.9"
+    boxes_value = "red circle: 0.05,0.3,0.4,0.7\nblue square: 0.6,0.3,0.95,0.7"
     with gr.Row():
         with gr.Column():
-            prompt = gr.Textbox(label="Prompt", value="a cat and a dog on the grass", elem_id="grounded-prompt")
+            prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square on a gray background",
+                                elem_id="grounded-prompt")
             with gr.Accordion("Draw boxes (label each with its phrase), then 'Use drawn boxes'", open=False):
                 canvas = _box_canvas()
                 use_drawn = gr.Button("Use drawn boxes", elem_id="grounded-use-drawn")
@@ -156,7 +157,8 @@ def guidance_tab(pipe) -> None:
 
     with gr.Row():
         with gr.Column():
-            prompt = gr.Textbox(label="Prompt", value="a red cat sitting on a blue square", elem_id="guidance-prompt")
+            prompt = gr.Textbox(label="Prompt", value="a big yellow triangle and a small green circle",
+                                elem_id="guidance-prompt")
             heads = gr.Textbox(label="Heads ('L1H0,L1H1', '1:0', 'L1' = every head of layer 1)", value="L1H0,L1H1")
             ranking = gr.File(label="...or a HeadHunter ranking JSON", file_types=[".json"], type="filepath", height=80)
             with gr.Row():
@@ -181,24 +183,25 @@ def video_tab(pipe) -> None:
     own = tabs.is_video(pipe)
     note = ("Radial attention on this video model." if own else
             "Radial attention needs a video model (Wan, HunyuanVideo). This app's model is not one, so the tab "
-            "loads the tiny offline Wan pipeline on the first run (random weights: it shows the mechanics only).")
+            "loads the built-in shapes-t2v model (a small trained Wan) on the first run.")
     cached = {"pipe": pipe if own else None}
     with gr.Row():
         with gr.Column():
             gr.Markdown(note)
-            prompt = gr.Textbox(label="Prompt", value="a fox running in the snow", elem_id="video-prompt")
+            prompt = gr.Textbox(label="Prompt", value="a big red circle moving right on a striped background",
+                                elem_id="video-prompt")
             radial = gr.Checkbox(label="Radial attention", value=True)
             with gr.Row():
-                dense_steps = gr.Number(label="Dense steps", value=1 if not own else 12, precision=0)
+                dense_steps = gr.Number(label="Dense steps", value=4 if not own else 12, precision=0)
                 dense_layers = gr.Number(label="Dense layers", value=1, precision=0)
                 decay = gr.Number(label="Decay", value=0.2)
-                block = gr.Dropdown([16, 32, 64, 128], value=128 if own else 16, label="Block size")
+                block = gr.Dropdown([16, 32, 64, 128], value=128 if own else 64, label="Block size")
             with gr.Row():
-                frames = gr.Number(label="Frames", value=33 if own else 25, precision=0)
-                height = gr.Number(label="Height", value=480 if own else 128, precision=0)
-                width = gr.Number(label="Width", value=832 if own else 128, precision=0)
+                frames = gr.Number(label="Frames", value=33 if own else 17, precision=0)
+                height = gr.Number(label="Height", value=480 if own else 32, precision=0)
+                width = gr.Number(label="Width", value=832 if own else 32, precision=0)
             with gr.Row():
-                steps = gr.Slider(1, MAX_STEPS, value=30 if own else 4, step=1, label="Steps")
+                steps = gr.Slider(1, MAX_STEPS, value=30 if own else 20, step=1, label="Steps")
                 seed = gr.Number(label="Seed", value=0, precision=0)
             button = gr.Button("Generate video", variant="primary", elem_id="video-run")
         with gr.Column():
@@ -237,7 +240,7 @@ def build_app(pipe, model_name: str):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnedit app", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or tiny:<family>")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, shapes-t2i (default, built in) or tiny:<family>")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from .pipelines.radial import generate_radial
 from .pipelines.refocusing import refocus
 from .radial import RadialAttention
 from .refocusing import Layout, RefocusConfig, Region, token_layout
+from .builtin import TEXT_LENGTH
 from .zoo import denoiser, load_tiny_pipeline
 
 MAX_STEPS = 100
@@ -187,7 +188,7 @@ def run_edit(pipe: Any, image: np.ndarray | None, mask: Any, operation: str, *, 
         raise ValueError(f"operation={operation!r} must be one of {OPERATIONS}")
     if mask is None and operation not in ("zoom out", "pan"):
         raise ValueError(f"'{operation}' needs a mask: paint over the object or give a box x0,y0,x1,y1")
-    editor = DesignEditor(pipe, DesignEditConfig(num_steps=_check_steps(steps)))
+    editor = DesignEditor(pipe, DesignEditConfig(num_steps=_check_steps(steps), **builtin_edit_options(pipe)))
     image = np.ascontiguousarray(image[..., :3].astype(np.uint8))
     ops = {
         "remove": lambda: editor.remove(image, mask),
@@ -224,7 +225,7 @@ def run_video(pipe: Any, prompt: str, *, radial: bool, dense_steps: int, dense_l
               block_size: int, frames: int, height: int, width: int, steps: int, seed: int) -> list[np.ndarray]:
     """Video frames (uint8 (H, W, 3) each) from a Wan / HunyuanVideo pipeline, radial attention on or off."""
     kwargs = {"num_frames": int(frames), "height": int(height), "width": int(width), "output_type": "np",
-              "num_inference_steps": _check_steps(steps), "generator": _gen(seed)}
+              "num_inference_steps": _check_steps(steps), "generator": _gen(seed), **builtin_call_options(pipe)}
     prompt = _check_prompt(prompt)
     if radial:
         overrides = {"dense_steps": int(dense_steps), "dense_layers": int(dense_layers), "decay": float(decay),
@@ -236,11 +237,26 @@ def run_video(pipe: Any, prompt: str, *, radial: bool, dense_steps: int, dense_l
     return list(_uint8(np.asarray(out.frames[0])))
 
 
+def builtin_call_options(pipe: Any) -> dict:
+    """Options a built-in model needs on every call (the text length it was trained with)."""
+    from .builtin import builtin_name
+
+    name = builtin_name(pipe)
+    return {"max_sequence_length": TEXT_LENGTH} if name == "shapes-t2v" else {}
+
+
+def builtin_edit_options(pipe: Any) -> dict:
+    """DesignEdit settings a built-in model needs (fresh noise in the hole for shapes-t2i)."""
+    from .builtin import EDIT_DEFAULTS, builtin_name
+
+    return dict(EDIT_DEFAULTS.get(builtin_name(pipe), {}))
+
+
 def load_tiny_video_pipeline() -> Any:
-    """The tiny offline Wan pipeline (for apps whose own model is not a video model)."""
-    pipe = load_tiny_pipeline("wan")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The built-in trained Wan model, shapes-t2v (for apps whose own model is not a video model)."""
+    from .builtin import load_builtin
+
+    return load_builtin("shapes-t2v")
 
 
 def has_video_export() -> bool:

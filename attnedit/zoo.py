@@ -369,13 +369,13 @@ def build_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
 def save_tiny_pipeline(family: str, directory: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build ``family`` and ``save_pretrained`` it (safetensors) into ``directory/family``; return that path."""
     path = pathlib.Path(directory) / family
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         build_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
     return path
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
+def quiet_progress_bars() -> Iterator[None]:
     """Silence diffusers' and transformers' save/load progress bars, restoring their previous state."""
     libs = [diffusers.utils.logging, transformers.utils.logging]
     enabled = [lib.is_progress_bar_enabled() for lib in libs]
@@ -432,7 +432,7 @@ def _load_tiny_pipeline(family: str, cache_dir: str | os.PathLike | None, seed: 
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         pipe = DiffusionPipeline.from_pretrained(target)
     with torch.no_grad():  # copy out of the (unaligned) safetensors mmap: same BLAS kernels, same numbers as built
         for component in pipe.components.values():

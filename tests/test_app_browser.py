@@ -1,4 +1,4 @@
-"""The web app in a real browser: Debian's Chromium driven by Playwright, on the offline tiny model."""
+"""The web app in a real browser: Debian's Chromium driven by Playwright, on the built-in trained model."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_pipe):
+def app_url():
+    from attnedit.builtin import load_builtin
     from attnedit.webapp import build_app
 
-    demo = build_app(tiny_pipe("sd15"), "tiny:sd15")
+    demo = build_app(load_builtin("shapes-t2i"), "shapes-t2i")  # the app's default model
     demo.queue(default_concurrency_limit=1, max_size=16)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -103,7 +104,7 @@ def test_bad_input_shows_a_message(page):
 
 def test_grounded_generation_shows_image_and_phrase_maps(page, tmp_path):
     open_tab(page, "Grounded generation")
-    page.locator("#grounded-boxes textarea").fill("a cat: 0.05,0.2,0.5,0.9\na dog: 0.5,0.3,0.95,0.95")
+    page.locator("#grounded-boxes textarea").fill("red circle: 0.05,0.2,0.5,0.9\nblue square: 0.5,0.3,0.95,0.95")
     assert run_and_wait(page, page.locator("#grounded-run"), "#grounded-image") == 64
     page.locator("#grounded-maps img").first.wait_for(state="visible", timeout=60_000)
     assert page.locator("#grounded-maps img").count() == 2
@@ -112,23 +113,24 @@ def test_grounded_generation_shows_image_and_phrase_maps(page, tmp_path):
 
 def test_grounded_bad_box_shows_a_message(page):
     open_tab(page, "Grounded generation")
-    page.locator("#grounded-boxes textarea").fill("a cat: 0.5,0.2,0.1,0.9")
+    page.locator("#grounded-boxes textarea").fill("red circle: 0.5,0.2,0.1,0.9")
     page.locator("#grounded-run").click()
     page.wait_for_selector("text=must have x1 > x0", timeout=60_000)
-    page.locator("#grounded-boxes textarea").fill("a cat: 0.05,0.2,0.5,0.9\na dog: 0.5,0.3,0.95,0.95")
+    page.locator("#grounded-boxes textarea").fill("red circle: 0.05,0.2,0.5,0.9\nblue square: 0.5,0.3,0.95,0.95")
 
 
-def test_edit_uploads_an_image_and_removes_a_box(page, tiny_pipe, tmp_path):
+def test_edit_uploads_an_image_and_removes_a_box(page, tmp_path):
     from PIL import Image
 
-    from attnedit.webapp import generate_with_maps
+    from attnedit import world
 
-    source = tmp_path / "source.png"
-    Image.fromarray(generate_with_maps(tiny_pipe("sd15"), "a red cat", 1, 4, 7.5)[0]).save(source)
+    source = tmp_path / "source.png"  # a real image for the model: rendered, not generated
+    scene = world.Scene((world.Shape("circle", "red", "big", 0.4, 0.5), world.Shape("square", "blue", "small", 0.8, 0.5)))
+    Image.fromarray(scene.render(64)).save(source)
     open_tab(page, "Edit")
     page.locator("#edit-editor input[type=file]").set_input_files(str(source))
     page.locator("#edit-editor .zoom-number").wait_for(state="visible", timeout=30_000)  # the image is on the canvas
-    page.locator("#edit-box").get_by_role("textbox").fill("16,16,40,48")
+    page.locator("#edit-box").get_by_role("textbox").fill("12,12,40,40")
     result, error = page.locator("#edit-image img").first, page.locator(".toast-body.error")
     for _ in range(8):  # the editor hands its value over a moment after drawing it (a frontend race, headless)
         close_toasts(page)
@@ -151,10 +153,10 @@ def test_head_guidance_shows_both_images(page, tmp_path):
     shoot(page, tmp_path, "head-guidance")
 
 
-def test_video_tab_loads_tiny_wan_and_shows_frames(page, tmp_path):
+def test_video_tab_loads_the_builtin_video_model_and_shows_frames(page, tmp_path):
     open_tab(page, "Video")
     run_and_wait(page, page.locator("#video-run"), "#video-frames")
-    assert page.locator("#video-frames img").count() == 25
+    assert page.locator("#video-frames img").count() == 17
     shoot(page, tmp_path, "video")
 
 

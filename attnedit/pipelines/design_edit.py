@@ -64,6 +64,8 @@ class DesignEditConfig:
     prompt: str = ""
     paste_back: bool = True  # outside the edited region (grown and feathered by 8 px), keep the source pixels
     inversion_iterations: int = 0  # fixed-point refinements per inversion step (0: plain DDIM, as in the paper)
+    hole_noise: float = 0.0  # share of fresh noise mixed into the inverted x_T inside the hole (0: the paper)
+    seed: int = 0  # of that noise
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 2:
@@ -74,7 +76,8 @@ class DesignEditConfig:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 1")
         if self.mode not in ("hard", "soft"):
             raise ValueError(f"mode={self.mode!r} must be 'hard' or 'soft'")
-        for name in ("mask_until", "refine_until", "blend_until", "fuse_at", "proximal_strength", "proximal_quantile"):
+        for name in ("mask_until", "refine_until", "blend_until", "fuse_at", "proximal_strength", "proximal_quantile",
+                     "hole_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.resolution is not None and self.resolution < 8:
@@ -296,6 +299,10 @@ class DesignEditor:
         edits = [DesignKeyMask(mask=m, mode=cfg.mode, steps=(0, stop)) for m, stop in windows if m is not None and stop > 0]
         region = None if hole is None else (hole > 0).to(latents[0].dtype)[None, None]
         z = latents[0].clone()
+        if region is not None and cfg.hole_noise > 0:  # small UNets carry the object through their convolutions
+            fresh = torch.randn(z.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(z)
+            mixed = (1 - cfg.hole_noise) ** 0.5 * z + cfg.hole_noise ** 0.5 * fresh  # keeps unit variance
+            z = region * mixed + (1 - region) * z
         with install(self.pipe.unet, *edits) if edits else nullcontext() as handle:
             branches = ("uncond", "cond") if cfg.guidance_scale > 1 else ("cond",)
             with handle.branches(*branches) if handle else nullcontext():

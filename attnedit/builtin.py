@@ -1,0 +1,126 @@
+"""The small trained models that ship with attnedit: the offline default and the ground each method is measured on.
+
+* ``shapes-t2i``: a Stable Diffusion pipeline (UNet with cross-attention, AutoencoderKL, CLIP text encoder) trained
+  on the procedural shapes world (:mod:`attnedit.world`) at 64x64 pixels, 16x16x4 latents.
+* ``shapes-t2v``: a Wan pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5 encoder) trained on moving shapes,
+  32x32 pixels, 9 frames.
+
+Both are ordinary diffusers folders inside the package (``attnedit/models/<name>``, fp16 safetensors) and load
+with ``DiffusionPipeline.from_pretrained``. :mod:`attnedit.training` builds them from the untrained architectures
+below; ``python -m attnedit.training t2i`` reproduces a checkpoint from its seed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    DDIMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, UMT5Config, UMT5EncoderModel
+
+from . import world, zoo
+
+MODELS_DIR = pathlib.Path(__file__).parent / "models"
+BUILTIN_MODELS: dict[str, str] = {"shapes-t2i": "text-to-image", "shapes-t2v": "text-to-video"}
+TEXT_LENGTH = 24  # longest world caption is 17 words; BOS/EOS included
+CALL_DEFAULTS: dict[str, dict] = {
+    "shapes-t2i": {"height": 64, "width": 64, "num_inference_steps": 20, "guidance_scale": 4.0},
+    "shapes-t2v": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 20, "guidance_scale": 4.0,
+                   "max_sequence_length": TEXT_LENGTH},
+}
+
+# DesignEdit on shapes-t2i: its small conv-heavy UNet rebuilds an object from the inverted noise inside the hole
+# even when the object's keys are hidden, so the hole starts from fresh noise (benchmarks/effect_removal.py).
+EDIT_DEFAULTS: dict[str, dict] = {"shapes-t2i": {"hole_noise": 1.0, "guidance_scale": 1.0}}
+
+
+def model_path(name: str) -> pathlib.Path:
+    """The folder of a built-in model; a clear error when it is unknown or was not trained."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; valid: {sorted(BUILTIN_MODELS)}")
+    path = MODELS_DIR / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} has no model_index.json; train it with `python -m attnedit.training "
+                                f"{name.removeprefix('shapes-')}`")
+    return path
+
+
+def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """Load a built-in model (weights stored as fp16, computed in ``dtype``)."""
+    with zoo.quiet_progress_bars():
+        pipe = DiffusionPipeline.from_pretrained(model_path(name), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def builtin_name(pipe: DiffusionPipeline) -> str | None:
+    """Which built-in model ``pipe`` was loaded from, if any."""
+    source = pathlib.Path(str(getattr(pipe.config, "_name_or_path", "") or ""))
+    return source.name if source.parent == MODELS_DIR and source.name in BUILTIN_MODELS else None
+
+
+# ------------------------------------------------------------------------------------------ architectures
+def t2i_components() -> dict[str, torch.nn.Module]:
+    """Untrained parts of ``shapes-t2i`` (draw weights under ``torch.manual_seed`` to reproduce them)."""
+    tokenizer = zoo.clip_tokenizer(world.WORDS, max_length=TEXT_LENGTH)
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=TEXT_LENGTH, projection_dim=64, hidden_act="gelu",
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=1.0, mid_block_add_attention=False,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
+
+
+def t2i_pipeline(components: dict) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def t2v_components() -> dict[str, torch.nn.Module]:
+    """Untrained parts of ``shapes-t2v``: 4x spatial, 2x temporal VAE; 8x8 latent frames, one token per latent."""
+    tokenizer = zoo.word_tokenizer("t5", world.WORDS)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer.get_vocab()), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+    ))
+    vae = AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True], latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
+                           scale_factor_spatial=4, scale_factor_temporal=2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=24, in_channels=8, out_channels=8,
+        text_dim=64, freq_dim=64, ffn_dim=192, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+            "scheduler": scheduler}
+
+
+def t2v_pipeline(components: dict) -> WanPipeline:
+    return WanPipeline(**components)

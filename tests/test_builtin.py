@@ -1,0 +1,127 @@
+"""The built-in trained models: small, loadable with from_pretrained, the CLI's default, and they draw the world."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers import DiffusionPipeline
+
+from attnedit import builtin, training, world
+from attnedit.cli import main
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    return builtin.load_builtin("shapes-t2i")
+
+
+@pytest.fixture(scope="module")
+def t2v():
+    return builtin.load_builtin("shapes-t2v")
+
+
+@pytest.mark.parametrize("name, megabytes", [("shapes-t2i", 6), ("shapes-t2v", 6)])
+def test_weights_are_small_fp16_safetensors(name, megabytes):
+    path = builtin.model_path(name)
+    files = list(path.rglob("*.safetensors"))
+    assert files and not list(path.rglob("*.bin"))
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < megabytes * 2 ** 20
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] in ("StableDiffusionPipeline",
+                                                                                 "WanPipeline")
+
+
+def test_unknown_builtin_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown built-in model 'shapes-3d'"):
+        builtin.model_path("shapes-3d")
+
+
+def test_loaded_pipelines_are_float32_and_named(t2i, t2v):
+    assert t2i.unet.dtype == torch.float32 and t2v.transformer.dtype == torch.float32
+    assert builtin.builtin_name(t2i) == "shapes-t2i" and builtin.builtin_name(t2v) == "shapes-t2v"
+
+
+def generate(pipe, prompt, seed):
+    out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np",
+               **builtin.CALL_DEFAULTS["shapes-t2i"])
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def test_t2i_draws_what_the_caption_asks(t2i):
+    """Two objects of the asked colours, the first left of the second, for most seeds."""
+    good = 0
+    for seed in range(6):
+        found = world.detect(generate(t2i, "a red circle left of a blue square", seed))
+        good += "red" in found and "blue" in found and found["red"].centre[0] < found["blue"].centre[0]
+    assert good >= 4
+
+
+def test_t2i_single_objects_have_the_asked_colour_and_shape(t2i):
+    scores = [world.fidelity(generate(t2i, f"a big {c} {s}", seed), world.parse_caption(f"a big {c} {s}"))
+              for seed, (c, s) in enumerate([("red", "circle"), ("green", "square"), ("blue", "triangle"),
+                                             ("yellow", "circle"), ("red", "square"), ("green", "triangle")])]
+    assert np.mean(scores) >= 0.6
+
+
+def test_t2v_moves_the_object_the_caption_moves(t2v):
+    moved = 0
+    for seed in range(3):
+        out = t2v("a big red circle moving right on a gray background", output_type="np",
+                  generator=torch.Generator().manual_seed(seed), **builtin.CALL_DEFAULTS["shapes-t2v"])
+        video = (out.frames[0] * 255).round().astype(np.uint8)
+        first, last = world.detect(video[0]).get("red"), world.detect(video[-1]).get("red")
+        moved += first is not None and last is not None and last.centre[0] - first.centre[0] > 0.1
+    assert moved >= 2
+
+
+def test_cli_generate_defaults_to_the_builtin_model(tmp_path):
+    from attnedit.outputs import read_png_parameters
+
+    out = tmp_path / "shapes.png"
+    assert main(["generate", "a red circle left of a blue square", "--out", str(out)]) == 0
+    params = read_png_parameters(out)
+    assert params["model"] == "shapes-t2i" and params["width"] == 64
+    found = world.detect(np.asarray(__import__("PIL.Image").Image.open(out).convert("RGB")))
+    assert {"red", "blue"} <= set(found)
+
+
+@pytest.mark.parametrize("kind", ["t2i", "t2v"])
+def test_training_script_writes_a_loadable_fp16_pipeline(tmp_path, kind):
+    out = tmp_path / kind
+    if kind == "t2i":
+        training.train_t2i(out, vae_steps=2, unet_steps=2, batch=2, dataset=8, save_every=2, log=lambda s: None)
+    else:
+        training.train_t2v(out, vae_steps=2, dit_steps=2, batch=2, dataset=4, save_every=2, log=lambda s: None)
+    loaded = DiffusionPipeline.from_pretrained(out)
+    assert (loaded.unet if kind == "t2i" else loaded.transformer) is not None
+    stored = safetensors.torch.load_file(next((out / ("unet" if kind == "t2i" else "transformer")).glob("*.safetensors")))
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert not list(pathlib.Path(tmp_path).glob(f".{kind}-*"))  # no temporary folder left behind
+
+
+def test_removal_on_the_builtin_model_needs_fresh_noise_in_the_hole(t2i):
+    """Key masking alone leaves the object (the small UNet rebuilds it from the inverted noise through its
+    convolutions); the shipped setting (hole_noise=1) removes it and keeps the other object."""
+    from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor
+
+    scene = world.Scene((world.Shape("circle", "red", "big", 0.3, 0.5), world.Shape("square", "blue", "big", 0.75, 0.5)))
+    source, mask = scene.render(64), scene.masks(64)[0]
+    red = lambda image: int((world.colour_labels(image) == list(world.COLOURS).index("red")).sum())
+    paper = np.asarray(DesignEditor(t2i, DesignEditConfig(num_steps=20, guidance_scale=1.0)).remove(source, mask, 3))
+    shipped = DesignEditor(t2i, DesignEditConfig(num_steps=20, **builtin.EDIT_DEFAULTS["shapes-t2i"]))
+    edited = np.asarray(shipped.remove(source, mask, 3))
+    assert red(paper) > 0.5 * red(source)
+    assert red(edited) < 0.1 * red(source)
+    assert world.detect(edited).get("blue") is not None
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_hole_noise_out_of_range_is_rejected(value):
+    from attnedit.pipelines.design_edit import DesignEditConfig
+
+    with pytest.raises(ValueError, match="hole_noise"):
+        DesignEditConfig(hole_noise=value)
