@@ -9,7 +9,7 @@ is drawn exactly as the pipeline would draw it (same generator, same numbers), r
 
 * SD 1.x: cross/self layers whose grid is latent / 4 (16x16 at 512 px, the paper's layers);
 * SDXL: latent / 2 (64x64 at 1024 px: down_blocks.1 and up_blocks.1, the middle of its three resolutions);
-* UNets without that grid (tiny test models) use their largest attention grid;
+* UNets without that grid, or where it is under 8x8 (tiny and built-in models), use their finest attention grid;
 * SD3: every joint block (or ``config.layers``): image queries -> text keys (CAR), -> image keys (SAR).
 
 Other edits (``edits=``) apply to the pipeline's forwards and to the refocusing forwards; pass ``handle=`` to run
@@ -80,7 +80,8 @@ def _layers(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t: t
     factor = 2 if getattr(pipe, "text_encoder_2", None) is not None else 4  # SDXL: latent / 2; SD 1.x: latent / 4
     target = tuple(-(-n // factor) for n in latent)
     grids = {g for s, g in probe.grids.items() if s.kind == "cross"}
-    chosen = target if target in grids else max(grids, key=lambda g: g[0] * g[1])
+    # a grid under 8 tokens a side is too coarse to hold a box (the paper's maps are 16x16): then the finest grid
+    chosen = target if target in grids and min(target) >= 8 else max(grids, key=lambda g: g[0] * g[1])
     pick = lambda kind: frozenset(s.layer for s, g in probe.grids.items() if s.kind == kind and g == chosen)
     return "cross", "self", pick("cross"), pick("self")
 
