@@ -92,14 +92,15 @@ def _object_weight(x: torch.Tensor, boost: float = 9.0) -> torch.Tensor:
     return 1.0 + boost * (spread > 0.35).float()
 
 
-def train_vae(vae, sample: Callable[[int], torch.Tensor], steps: int, lr: float, log: LogFn, crop: int) -> None:
+def train_vae(vae, sample: Callable[[int], torch.Tensor], steps: int, lr: float, log: LogFn, crop: int,
+              rng: random.Random) -> None:
     """Object-weighted reconstruction (L1 + L2) with a tiny KL on random ``crop`` crops (fully convolutional)."""
     opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0.0)
     vae.train()
     for step in range(steps):
         x = sample(step)
         if crop and x.shape[-1] > crop:
-            i, j = random.randrange(0, x.shape[-2] - crop + 1), random.randrange(0, x.shape[-1] - crop + 1)
+            i, j = rng.randrange(0, x.shape[-2] - crop + 1), rng.randrange(0, x.shape[-1] - crop + 1)
             x = x[..., i:i + crop, j:j + crop]
         for group in opt.param_groups:
             group["lr"] = lr * _schedule(step, steps)
@@ -116,7 +117,7 @@ def train_vae(vae, sample: Callable[[int], torch.Tensor], steps: int, lr: float,
     vae.eval()
 
 
-def train_t2i(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1200, unet_steps: int = 3000,
+def train_t2i(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1200, unet_steps: int = 5000,
               batch: int = 16, dataset: int = 20000, lr: float = 6e-4, save_every: int = 500,
               log: LogFn = print) -> None:
     """Train ``shapes-t2i`` into ``out_dir``."""
@@ -133,7 +134,7 @@ def train_t2i(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1200, unet_
     def vae_batch(step: int) -> torch.Tensor:
         return images[torch.randint(0, dataset, (32,))]
 
-    train_vae(vae, vae_batch, vae_steps, 1e-3, log, crop=32)
+    train_vae(vae, vae_batch, vae_steps, 1e-3, log, crop=32, rng=random.Random(seed + 1))
     with torch.no_grad():
         means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, dataset, 256)])
     scale = 1.0 / means.std().item()
@@ -180,7 +181,7 @@ def _wan_text(text_encoder, tokenizer, captions: list[str], length: int) -> torc
     return states * tok.attention_mask[..., None]
 
 
-def train_t2v(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1000, dit_steps: int = 2500, batch: int = 8,
+def train_t2v(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1000, dit_steps: int = 6000, batch: int = 8,
               dataset: int = 4000, frames: int = 9, lr: float = 5e-4, save_every: int = 500,
               log: LogFn = print) -> None:
     """Train ``shapes-t2v`` into ``out_dir``."""
@@ -202,7 +203,7 @@ def train_t2v(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1000, dit_s
         # trains a chunk that follows a chunk (their frames decode as smudges)
         return videos[torch.randint(0, dataset, (6,))]
 
-    train_vae(vae, vae_batch, vae_steps, 1e-3, log, crop=0)
+    train_vae(vae, vae_batch, vae_steps, 1e-3, log, crop=0, rng=random.Random(seed + 1))
     with torch.no_grad():
         means = torch.cat([vae.encode(videos[i:i + 32]).latent_dist.mean for i in range(0, dataset, 32)])
         error = (vae.decode(means[:16]).sample - videos[:16]).abs().mean(dim=(0, 1, 3, 4))
@@ -249,17 +250,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="denoiser training steps")
     parser.add_argument("--vae-steps", type=int)
-    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores; the shipped models: 1)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     name = f"shapes-{args.model}"
     out = args.out or builtin.MODELS_DIR / name
-    overrides = {k: v for k, v in {"vae_steps": args.vae_steps}.items() if v}
+    steps = "unet_steps" if args.model == "t2i" else "dit_steps"
+    overrides = {k: v for k, v in {"vae_steps": args.vae_steps, steps: args.steps}.items() if v}
     if args.model == "t2i":
-        train_t2i(out, args.seed, unet_steps=args.steps or 3000, **overrides)
+        train_t2i(out, args.seed, **overrides)
     else:
-        train_t2v(out, args.seed, dit_steps=args.steps or 2500, **overrides)
+        train_t2v(out, args.seed, **overrides)
 
 
 if __name__ == "__main__":
