@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .attention_maps import token_heatmaps
+from .builtin import TEXT_LENGTH
 from .edits import AttentionRecorder
 from .families import detect_family
 from .head_guidance import load_heads, perturbed_guidance
@@ -23,8 +24,7 @@ from .pipelines.radial import generate_radial
 from .pipelines.refocusing import refocus
 from .radial import RadialAttention
 from .refocusing import Layout, RefocusConfig, Region, token_layout
-from .builtin import TEXT_LENGTH
-from .zoo import denoiser, load_tiny_pipeline
+from .zoo import denoiser
 
 MAX_STEPS = 100
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")

@@ -27,9 +27,9 @@ def refocusing_rows(r: dict[str, Any]) -> list[str]:
     plain, focused = r["plain"], r["refocused"]
     better, same, worse = r["layouts_better_same_worse"]
     return [
-        f"| refocusing, {r['layouts']} layouts ({r['objects']} objects) | objects whose centre lands in their box | "
-        f"plain {_pm(plain, 'in_box')} | refocused {_pm(focused, 'in_box')} "
-        f"(layouts better/same/worse {better}/{same}/{worse}; time x{r['time_ratio']}) |",
+        (f"| refocusing, {r['layouts']} layouts ({r['objects']} objects) | objects whose centre lands in their box | "
+         f"plain {_pm(plain, 'in_box')} | refocused {_pm(focused, 'in_box')} "
+         f"(layouts better/same/worse {better}/{same}/{worse}; time x{r['time_ratio']}) |"),
         f"| | box IoU of the detected object | {_pm(plain, 'iou')} | {_pm(focused, 'iou')} |",
     ]
 
@@ -38,19 +38,20 @@ def removal_rows(r: dict[str, Any]) -> list[str]:
     paper, shipped, ablation = r["paper"], r["hole_noise"], r["hole_noise_no_key_masking"]
     n = r["images"]
     return [
-        f"| key-masking removal, {n} rendered scenes | object gone inside the mask | paper setting "
-        f"{_pm(paper, 'gone')}; key masking off {_pm(ablation, 'gone')} | shipped (hole noise) {_pm(shipped, 'gone')} |",
-        f"| | other object kept (colour and shape) | paper {_pm(paper, 'other_kept')}; off "
-        f"{_pm(ablation, 'other_kept')} | {_pm(shipped, 'other_kept')} |",
-        f"| | PSNR outside the mask vs the source (dB) | paper {_pm(paper, 'psnr_outside', 1)} | "
-        f"{_pm(shipped, 'psnr_outside', 1)}; without paste-back {_pm(r['hole_noise_no_paste_back'], 'psnr_outside', 1)} |",
+        (f"| key-masking removal, {n} rendered scenes | object gone inside the mask | paper setting "
+         f"{_pm(paper, 'gone')} | fresh noise in the hole (built-in default) {_pm(shipped, 'gone')}; "
+         f"the same with the key mask off {_pm(ablation, 'gone')} |"),
+        (f"| | other object kept (colour and shape) | {_pm(paper, 'other_kept')} | {_pm(shipped, 'other_kept')}; "
+         f"key mask off {_pm(ablation, 'other_kept')} |"),
+        (f"| | PSNR outside the mask vs the source (dB) | {_pm(paper, 'psnr_outside', 1)} | "
+         f"{_pm(shipped, 'psnr_outside', 1)}; without paste-back {_pm(r['hole_noise_no_paste_back'], 'psnr_outside', 1)} |"),
     ]
 
 
 def head_guidance_rows(r: dict[str, Any]) -> list[str]:
     rows, plain = r["evaluation"], r["evaluation"]["cfg"]
-    out = [f"| SoftPAG on HeadHunter heads ({r['search']['spec']}), {plain['n']} held-out captions | "
-           f"prompt fidelity (world.fidelity) | CFG {plain['mean_fidelity']:.3f} ± {plain['sem']:.3f} | "]
+    out = [(f"| SoftPAG on HeadHunter heads ({r['search']['spec']}), {plain['n']} held-out captions | "
+            f"prompt fidelity (world.fidelity) | CFG {plain['mean_fidelity']:.3f} ± {plain['sem']:.3f} | ")]
     parts = []
     for name, row in rows.items():
         if name == "cfg":

@@ -117,3 +117,16 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps({"benchmark": name, "machine": machine(), "results": results}, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def summarize(scores: list[dict[str, float]], seconds: float) -> dict[str, float]:
+    """Mean and standard error of each per-item score over ``scores``, and seconds per item."""
+    import statistics
+
+    out: dict[str, float] = {}
+    for key in scores[0]:
+        values = [s[key] for s in scores]
+        out[key] = round(statistics.fmean(values), 4)
+        out[f"{key}_stderr"] = round(statistics.stdev(values) / len(values) ** 0.5, 4)
+    out["seconds_per_image"] = round(seconds / len(scores), 3)
+    return out
