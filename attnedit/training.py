@@ -67,6 +67,17 @@ def _schedule(step: int, total: int, warmup: int = 100) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
+def _step(opt: torch.optim.Optimizer, ema: _EMA, params: list, loss: torch.Tensor, lr: float, step: int) -> None:
+    """One optimizer step at learning rate ``lr``: gradients clipped to norm 1, then the EMA update."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.update(step)
+
+
 def _save(pipe, out_dir: pathlib.Path) -> None:
     """fp16 safetensors, written to a temporary folder and renamed into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +153,6 @@ def train_t2i(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1200, unet_
     latents = means * scale
     log(f"latents {tuple(latents.shape)}, scaling_factor {scale:.4f} ({time.time() - t0:.0f}s)")
 
-    pipe = builtin.t2i_pipeline(parts)
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
     ema = _EMA([unet, text_encoder], 0.999)
@@ -158,19 +168,12 @@ def train_t2i(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1200, unet_
         snr = alphas[t] / (1 - alphas[t])
         weight = snr.clamp(max=5.0) / snr  # min-SNR-5 for epsilon prediction
         loss = (weight * (pred - noise).pow(2).mean((1, 2, 3))).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr * _schedule(step, unet_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(step)
+        _step(opt, ema, params, loss, lr * _schedule(step, unet_steps), step)
         if step % 100 == 0:
             log(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % save_every == 0 or step == unet_steps - 1:
             _save(builtin.t2i_pipeline({**parts, "unet": ema.shadow[0], "text_encoder": ema.shadow[1]}), out_dir)
             log(f"saved {out_dir} at step {step + 1}")
-    del pipe
 
 
 # --------------------------------------------------------------------------------------------- text-to-video
@@ -228,13 +231,7 @@ def train_t2v(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1000, dit_s
         pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000,
                            encoder_hidden_states=text).sample
         loss = F.mse_loss(pred, noise - x0)
-        for group in opt.param_groups:
-            group["lr"] = lr * _schedule(step, dit_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(step)
+        _step(opt, ema, params, loss, lr * _schedule(step, dit_steps), step)
         if step % 100 == 0:
             log(f"dit step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % save_every == 0 or step == dit_steps - 1:
