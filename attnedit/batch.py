@@ -150,6 +150,8 @@ def run_batch(
     """Run this process's share of ``jobs`` into ``out_dir``; ``load(model)`` returns a pipeline."""
     from tqdm.auto import tqdm
 
+    from .loading import default_model as task_default_model
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.tmp"):  # half-written files of a killed run (never renamed into place)
@@ -159,7 +161,7 @@ def run_batch(
     todo = [j for j in mine if not is_done(out_dir, j)]
     by_model: dict[str | None, list[Job]] = {}
     for job in todo:
-        by_model.setdefault(job.model or default_model or _task_default_model(job.task), []).append(job)
+        by_model.setdefault(job.model or default_model or task_default_model(job.task), []).append(job)
     bar = tqdm(total=len(todo), disable=not progress, desc=f"jobs[{process_index}]")
     for model, group in by_model.items():
         try:
@@ -178,12 +180,6 @@ def run_batch(
             bar.update(1)
     bar.close()
     return summary
-
-
-def _task_default_model(task_name: str) -> str:
-    from .loading import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
-
-    return DEFAULT_VIDEO_MODEL if task_name == "video" else DEFAULT_MODEL
 
 
 def _fail(out_dir: Path, job: Job, summary: Summary, message: str, bar: Any, trace: str = "") -> None:

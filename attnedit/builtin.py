@@ -69,6 +69,17 @@ def builtin_name(pipe: DiffusionPipeline) -> str | None:
     return source.name if source.parent == MODELS_DIR and source.name in BUILTIN_MODELS else None
 
 
+
+def call_options(pipe: DiffusionPipeline) -> dict:
+    """Options a built-in model needs on every call whatever the size asked (shapes-t2v: its text length)."""
+    defaults = CALL_DEFAULTS.get(builtin_name(pipe) or "", {})
+    return {k: defaults[k] for k in ("max_sequence_length",) if k in defaults}
+
+
+def edit_options(pipe: DiffusionPipeline) -> dict:
+    """DesignEdit settings a built-in model needs (shapes-t2i: fresh noise in the hole)."""
+    return dict(EDIT_DEFAULTS.get(builtin_name(pipe) or "", {}))
+
 # ------------------------------------------------------------------------------------------ architectures
 def t2i_components() -> dict[str, torch.nn.Module]:
     """Untrained parts of ``shapes-t2i`` (draw weights under ``torch.manual_seed`` to reproduce them).

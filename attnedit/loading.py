@@ -59,12 +59,17 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     return pipe.to(device)
 
 
+def default_model(task_name: str) -> str:
+    """The model a task uses when none is given: the built-in video model for video, else the image model."""
+    return DEFAULT_VIDEO_MODEL if task_name == "video" else DEFAULT_MODEL
+
+
 def tiny_defaults(model: str | None, task_name: str) -> dict:
     """The built-in and tiny models only work at their small sizes: the task parameters to use unless given."""
     from . import zoo
     from .builtin import BUILTIN_MODELS, CALL_DEFAULTS, EDIT_DEFAULTS
 
-    model = model or (DEFAULT_VIDEO_MODEL if task_name == "video" else DEFAULT_MODEL)
+    model = model or default_model(task_name)
     if model in BUILTIN_MODELS:
         defaults = CALL_DEFAULTS[model]
         if task_name == "edit":

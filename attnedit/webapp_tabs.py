@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .attention_maps import token_heatmaps
-from .builtin import TEXT_LENGTH
+from .builtin import call_options, edit_options
 from .edits import AttentionRecorder
 from .families import detect_family
 from .head_guidance import load_heads, perturbed_guidance
@@ -188,7 +188,7 @@ def run_edit(pipe: Any, image: np.ndarray | None, mask: Any, operation: str, *, 
         raise ValueError(f"operation={operation!r} must be one of {OPERATIONS}")
     if mask is None and operation not in ("zoom out", "pan"):
         raise ValueError(f"'{operation}' needs a mask: paint over the object or give a box x0,y0,x1,y1")
-    editor = DesignEditor(pipe, DesignEditConfig(num_steps=_check_steps(steps), **builtin_edit_options(pipe)))
+    editor = DesignEditor(pipe, DesignEditConfig(num_steps=_check_steps(steps), **edit_options(pipe)))
     image = np.ascontiguousarray(image[..., :3].astype(np.uint8))
     ops = {
         "remove": lambda: editor.remove(image, mask),
@@ -225,7 +225,7 @@ def run_video(pipe: Any, prompt: str, *, radial: bool, dense_steps: int, dense_l
               block_size: int, frames: int, height: int, width: int, steps: int, seed: int) -> list[np.ndarray]:
     """Video frames (uint8 (H, W, 3) each) from a Wan / HunyuanVideo pipeline, radial attention on or off."""
     kwargs = {"num_frames": int(frames), "height": int(height), "width": int(width), "output_type": "np",
-              "num_inference_steps": _check_steps(steps), "generator": _gen(seed), **builtin_call_options(pipe)}
+              "num_inference_steps": _check_steps(steps), "generator": _gen(seed), **call_options(pipe)}
     prompt = _check_prompt(prompt)
     if radial:
         overrides = {"dense_steps": int(dense_steps), "dense_layers": int(dense_layers), "decay": float(decay),
@@ -235,21 +235,6 @@ def run_video(pipe: Any, prompt: str, *, radial: bool, dense_steps: int, dense_l
     else:
         out = pipe(prompt=prompt, **kwargs)
     return list(_uint8(np.asarray(out.frames[0])))
-
-
-def builtin_call_options(pipe: Any) -> dict:
-    """Options a built-in model needs on every call (the text length it was trained with)."""
-    from .builtin import builtin_name
-
-    name = builtin_name(pipe)
-    return {"max_sequence_length": TEXT_LENGTH} if name == "shapes-t2v" else {}
-
-
-def builtin_edit_options(pipe: Any) -> dict:
-    """DesignEdit settings a built-in model needs (fresh noise in the hole for shapes-t2i)."""
-    from .builtin import EDIT_DEFAULTS, builtin_name
-
-    return dict(EDIT_DEFAULTS.get(builtin_name(pipe), {}))
 
 
 def load_tiny_video_pipeline() -> Any:
