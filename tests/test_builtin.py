@@ -187,3 +187,15 @@ def test_hole_noise_out_of_range_is_rejected(value):
 
     with pytest.raises(ValueError, match="hole_noise"):
         DesignEditConfig(hole_noise=value)
+
+
+def test_cli_hole_noise_reaches_the_editor(tmp_path, capsys):
+    """--hole-noise goes into DesignEditConfig: an out-of-range value is a clear error, exit code 2."""
+    from PIL import Image
+
+    source = tmp_path / "scene.png"
+    Image.fromarray(world.sample_scene(__import__("random").Random(0)).render(64)).save(source)
+    code = main(["edit", "remove", str(source), "--box", "8,8,30,30", "--hole-noise", "1.5", "--steps", "2",
+                 "--out", str(tmp_path / "out.png")])
+    assert code == 2 and "hole_noise=1.5" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
