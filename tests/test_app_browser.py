@@ -132,7 +132,7 @@ def test_edit_uploads_an_image_and_removes_a_box(page, tmp_path):
     page.locator("#edit-editor .zoom-number").wait_for(state="visible", timeout=30_000)  # the image is on the canvas
     page.locator("#edit-box").get_by_role("textbox").fill("12,12,40,40")
     result, error = page.locator("#edit-image img").first, page.locator(".toast-body.error")
-    for _ in range(8):  # the editor hands its value over a moment after drawing it (a frontend race, headless)
+    for attempt in range(9):  # the editor hands its value over a moment after drawing it (a frontend race, headless)
         close_toasts(page)
         page.locator("#edit-run").click()
         result.or_(error).first.wait_for(state="visible", timeout=120_000)
@@ -140,6 +140,9 @@ def test_edit_uploads_an_image_and_removes_a_box(page, tmp_path):
             break
         assert "upload an image first" in error.first.inner_text()
         page.wait_for_timeout(1000)
+        if attempt % 3 == 2:  # the value was lost for good in this upload (seen once in CI): upload again
+            page.locator("#edit-editor input[type=file]").set_input_files(str(source))
+            page.locator("#edit-editor .zoom-number").wait_for(state="visible", timeout=30_000)
     assert not error.count(), error.first.inner_text()
     page.wait_for_function("() => document.querySelector('#edit-image img')?.naturalWidth > 0", timeout=120_000)
     assert result.evaluate("img => img.naturalWidth") == 64
