@@ -16,21 +16,29 @@ EXAMPLES = """examples:
   attnedit heads --model tiny:sd3 --prompt "a cat" --layers 0-1 --workdir runs/hh
   attnedit batch jobs.jsonl --out results/  # resumable; under `accelerate launch` jobs are sharded
   attnedit sites                          # attention sites of the default offline tiny model
-  attnedit sites --model stabilityai/stable-diffusion-3.5-medium
+  attnedit sites --model stabilityai/stable-diffusion-3.5-medium   # configs only, no weights
+  attnedit sites --model flux1-dev        # a shipped published config (offline): see attnedit.architectures
   attnedit app --port 7860                # the web app, on 127.0.0.1
 """
 
 
 def _sites(args: argparse.Namespace) -> int:
+    """List sites; a published architecture or hub model is built on the meta device from its config (no weights)."""
+    from .builtin import BUILTIN_MODELS
     from .install import install
-    from .loading import load_pipeline
+    from .loading import TINY_PREFIX, load_pipeline
 
-    pipe = load_pipeline(args.model, device="cpu" if args.model is None else args.device, dtype=args.dtype)
-    with install(pipe) as handle:
+    if args.model is None or args.model in BUILTIN_MODELS or args.model.startswith(TINY_PREFIX):
+        target = load_pipeline(args.model, device="cpu" if args.model is None else args.device, dtype=args.dtype)
+    else:
+        from .architectures import meta_denoiser
+
+        target = meta_denoiser(args.model)
+    with install(target) as handle:
         print(f"family: {handle.family.name}   sites: {len(handle.sites)}")
-        print(f"{'kind':6s} {'layer':>5s} {'heads':>5s}  module")
+        print(f"{'kind':6s} {'layer':>5s} {'heads':>5s} {'stream':6s}  module")
         for site in handle.sites:
-            print(f"{site.kind:6s} {site.layer:5d} {site.heads:5d}  {site.name}")
+            print(f"{site.kind:6s} {site.layer:5d} {site.heads:5d} {site.stream or '-':6s}  {site.name}")
     return 0
 
 

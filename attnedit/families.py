@@ -183,8 +183,8 @@ def detect_family(model: torch.nn.Module) -> Family:
         for family in FAMILIES.values():
             if cls.__name__ == family.model_class:
                 return family
-    names = ", ".join(f.model_class for f in FAMILIES.values())
-    raise ValueError(f"{type(model).__name__} is not a supported denoiser; supported: {names}")
+    names = ", ".join(f"{f.name} ({f.model_class})" for f in FAMILIES.values())
+    raise ValueError(f"{type(model).__name__} is not a denoiser attnedit supports; supported families: {names}")
 
 
 def unet_grid(grid: tuple[int, int], num_tokens: int) -> tuple[int, int]:

@@ -309,7 +309,7 @@ def test_bad_edit_arguments(make, message):
 
 
 def test_unsupported_model_and_backend_are_clear_errors(tiny_pipe):
-    with pytest.raises(ValueError, match="not a supported denoiser"):
+    with pytest.raises(ValueError, match="Linear is not a denoiser attnedit supports; supported families: unet"):
         detect_family(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend='cudnn'"):
         install(tiny_pipe("sd15"), backend="cudnn")

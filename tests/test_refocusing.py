@@ -291,7 +291,7 @@ def test_car_only_and_sar_only(tiny_pipe):
 def test_layers_follow_the_family_resolution(tiny_pipe):
     from diffusers import UNet2DConditionModel
 
-    from attnedit.pipelines.refocusing import _conditioner, _layers
+    from attnedit.pipelines.refocusing import _conditioner, map_layers
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(  # the SD 1.x block layout in miniature: attention at latent, /2, /4 and mid /8
@@ -302,7 +302,7 @@ def test_layers_follow_the_family_resolution(tiny_pipe):
     text = torch.randn(1, 5, 8)
     forward = lambda x, t: unet(x, t, encoder_hidden_states=text)
     with install(unet) as handle:
-        sd15_layers = _layers(handle, object(), forward, torch.zeros(1, 4, 32, 32), torch.tensor(1), RefocusConfig())
+        sd15_layers = map_layers(handle, forward, torch.zeros(1, 4, 32, 32), torch.tensor(1), RefocusConfig())
     names = {(s.kind, s.layer): ".".join(s.name.split(".")[:2]) for s in handle.sites}
     blocks = lambda kind, layers: sorted({names[kind, i] for i in layers})
     # latent / 4 = 8x8: down_blocks.2 and up_blocks.1 (2 + 3 layers as in SD 1.5; mid at 4x4 excluded)
@@ -311,13 +311,13 @@ def test_layers_follow_the_family_resolution(tiny_pipe):
     sd15 = tiny_pipe("sd15")  # two levels (8x8, 4x4 at 64 px): latent / 4 = 2x2 is missing -> largest grid, 8x8
     with install(sd15) as handle:
         forward = _conditioner(sd15, "unet", PROMPT, (64, 64), 77)
-        tiny_layers = _layers(handle, sd15, forward, torch.zeros(1, 4, 8, 8), torch.tensor(1), RefocusConfig())
+        tiny_layers = map_layers(handle, forward, torch.zeros(1, 4, 8, 8), torch.tensor(1), RefocusConfig())
     names = {(s.kind, s.layer): ".".join(s.name.split(".")[:2]) for s in handle.sites}
     assert blocks("cross", tiny_layers[2]) == ["down_blocks.0", "up_blocks.1"] and len(tiny_layers[2]) == 3
     sd3 = tiny_pipe("sd3")
     with install(sd3) as handle:
-        joint = _layers(handle, sd3, None, None, None, RefocusConfig())
-        chosen = _layers(handle, sd3, None, None, None, RefocusConfig(layers={1}))
+        joint = map_layers(handle, None, None, None, RefocusConfig())
+        chosen = map_layers(handle, None, None, None, RefocusConfig(layers={1}))
     assert joint == ("joint", "joint", frozenset({0, 1}), frozenset({0, 1})) and chosen[2] == frozenset({1})
 
 

@@ -61,9 +61,13 @@ def _conditioner(pipe: Any, family: str, prompt: str, size: tuple[int, int], max
     return lambda x, t: pipe.unet(scale(x, t), t, encoder_hidden_states=emb, added_cond_kwargs=extra, return_dict=False)
 
 
-def _layers(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t: torch.Tensor,
-            config: RefocusConfig) -> tuple[str, str, frozenset[int], frozenset[int]]:
-    """(text kind, image kind, text layers, image layers) the losses record."""
+def map_layers(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Tensor,
+               config: RefocusConfig) -> tuple[str, str, frozenset[int], frozenset[int]]:
+    """(text kind, image kind, text layers, image layers) the losses record.
+
+    UNets: the layers at the paper's grid (latent/4 for SD 1.x: 16x16 at 512 px, its 5 layers; latent/2 for
+    SDXL), found by one probing forward ``forward(x, t)``; SD3: every joint block.
+    """
     if handle.family.name == "sd3":
         layers = config.layers or frozenset(s.layer for s in handle.sites if s.kind == "joint")
         return "joint", "joint", layers, layers
@@ -77,7 +81,8 @@ def _layers(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t: t
     finally:
         handle.edits = base
     latent = tuple(x.shape[-2:])
-    factor = 2 if getattr(pipe, "text_encoder_2", None) is not None else 4  # SDXL: latent / 2; SD 1.x: latent / 4
+    sdxl = handle.models[0].config.get("addition_embed_type") == "text_time"  # SDXL's micro-conditioning
+    factor = 2 if sdxl else 4  # SDXL: latent / 2; SD 1.x: latent / 4
     target = tuple(-(-n // factor) for n in latent)
     grids = {g for s, g in probe.grids.items() if s.kind == "cross"}
     # a grid under 8 tokens a side is too coarse to hold a box (the paper's maps are 16x16): then the finest grid
@@ -89,7 +94,7 @@ def _layers(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t: t
 def _recorders(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t: torch.Tensor,
                config: RefocusConfig) -> list[MapRecorder]:
     """Recorders of exactly the maps the selected losses read, conditional rows only."""
-    text_kind, image_kind, text_layers, image_layers = _layers(handle, pipe, forward, x, t, config)
+    text_kind, image_kind, text_layers, image_layers = map_layers(handle, forward, x, t, config)
     cond = frozenset({"cond"})
     recorders = []
     if "car" in config.losses:
