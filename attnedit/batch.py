@@ -260,7 +260,8 @@ def edit_task(pipe: Any, params: dict[str, Any]) -> list:
     """DesignEdit operation on a real image: ``operation`` in EDIT_OPERATIONS, ``image``, ``mask`` (path or box
     [x0, y0, x1, y1]), ``dx``/``dy`` (move), ``scale`` (resize, zoom-out), ``direction`` (flip h|v; pan
     left|right|up|down), ``amount`` (pan, px), ``layers`` (compose: [{image, mask, dx, dy}]), ``steps``, ``dilation``,
-    ``hole_noise`` (fresh noise in the hole, for small models)."""
+    ``hole_noise`` (fresh noise in the hole), ``guidance_scale``; unset ones take the model family's defaults (SD, SDXL, SD3:
+    CFG 7.5, no hole noise; FLUX: one pass, hole noise 1)."""
     from .pipelines.design_edit import DesignEditConfig, DesignEditor, ObjectLayer
 
     allowed = {"operation", "image", "mask", "dx", "dy", "scale", "direction", "amount", "layers", "steps", "dilation",
@@ -272,8 +273,8 @@ def edit_task(pipe: Any, params: dict[str, Any]) -> list:
     for needed in ("image",) + (("mask",) if operation in ("remove", "move", "resize", "flip") else ()):
         if needed not in params:
             raise ValueError(f"edit {operation}: {needed} is required")
-    config = DesignEditConfig(num_steps=int(params.get("steps", 50)), guidance_scale=float(params.get("guidance_scale", 7.5)),
-                              hole_noise=float(params.get("hole_noise", 0.0)))
+    optional = {k: float(params[k]) for k in ("guidance_scale", "hole_noise") if params.get(k) is not None}
+    config = DesignEditConfig(num_steps=int(params.get("steps", 50)), **optional)  # unset: the family's defaults
     editor, image, mask = DesignEditor(pipe, config), params["image"], _mask_value(params.get("mask"))
     extra = {"dilation": int(params["dilation"])} if "dilation" in params else {}
     if operation == "remove":

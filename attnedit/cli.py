@@ -223,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--direction", help="flip: h or v; pan: left, right, up or down")
     edit.add_argument("--amount", type=int, help="pan: pixels")
     edit.add_argument("--layer", action="append", help="compose: IMAGE:MASK:DX:DY (repeat)")
-    edit.add_argument("--steps", type=int, help="DDIM steps (default 50)")
-    edit.add_argument("--dilation", type=int, help="mask dilation in pixels")
+    edit.add_argument("--steps", type=int, help="sampling steps (default 50; DDIM on SD/SDXL, Euler on SD3/FLUX)")
+    edit.add_argument("--dilation", type=int,
+                      help="mask dilation, the paper's attend_scale: a kernel of this many px at the model's native "
+                           "resolution (default 20; 30 for zoom-out/pan)")
     edit.add_argument("--hole-noise", type=float,
-                      help="share of fresh noise in the hole's starting latent, 0..1 (paper: 0; shapes-t2i: 1)")
+                      help="share of fresh noise in the hole's starting latent, 0..1 (SD/SD3: 0; FLUX, shapes-t2i: 1)")
     edit.add_argument("--out", default="edited.png")
     _model_options(edit)
     edit.set_defaults(run=_edit)

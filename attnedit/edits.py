@@ -175,26 +175,34 @@ class BlockMask:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resize_mask(mask: torch.Tensor, grid: tuple[int, ...], threshold: float = 0.5) -> torch.Tensor:
-    """Area-resample a 2-D (H, W) mask in [0, 1] to ``grid`` = (h, w) and binarize at ``threshold``."""
+def mask_coverage(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """Float ``(h, w)``: the share of each cell of ``grid`` covered by the ``(H, W)`` mask in [0, 1] (area average).
+
+    Every cell that holds any masked pixel gets a coverage above 0, so a thin mask never drops out of a coarse grid.
+    """
     h, w = grid[-2:]
     if tuple(mask.shape) == (h, w):
-        return mask > threshold
+        return mask.float()
     if abs(mask.shape[0] / mask.shape[1] - h / w) > 0.5 * (1 / h + 1 / w) * max(1.0, h / w):
         raise ValueError(
             f"mask of size {tuple(mask.shape)} does not have the aspect ratio of the {h}x{w} attention grid"
         )
-    small = F.interpolate(mask[None, None].float(), size=(h, w), mode="area")[0, 0]
-    return small > threshold
+    return F.interpolate(mask[None, None].float(), size=(h, w), mode="area")[0, 0]
+
+
+def resize_mask(mask: torch.Tensor, grid: tuple[int, ...], threshold: float = 0.5) -> torch.Tensor:
+    """Bool ``(h, w)``: cells of ``grid`` whose coverage by the ``(H, W)`` mask is above ``threshold``."""
+    return mask_coverage(mask, grid) > threshold
 
 
 @dataclass(frozen=True, kw_only=True)
 class KeyMask(Edit):
     """Hide keys inside a spatial mask from every query (image/video keys only; text keys stay visible).
 
-    ``mask`` is (H, W) for images or (F, H, W) for video, True/1 = hidden; it is resampled to each call's token
-    grid. ``mode="hard"`` excludes the keys (-inf logit); ``mode="soft"`` zeroes them ((1 - M) * K), as in the
-    DesignEdit paper, so they keep a logit of 0.
+    ``mask`` is (H, W) for images or (F, H, W) for video, True/1 = hidden; it is area-resampled to each call's
+    token grid, giving each key the share of its cell inside the mask. ``mode="hard"`` excludes keys whose share is
+    above ``threshold`` (-inf logit); ``mode="soft"`` scales every key by (1 - share), the DesignEdit paper's
+    (1 - M) * K with fractional weights at the mask's edges, so a fully masked key keeps a logit of 0.
     """
 
     mask: torch.Tensor
@@ -211,26 +219,26 @@ class KeyMask(Edit):
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold={self.threshold} must be in [0, 1)")
 
-    def _hidden(self, call: AttentionCall) -> torch.Tensor:
-        """Bool (S_k,) True where a key is hidden."""
+    def coverage(self, call: AttentionCall) -> torch.Tensor:
+        """Float (S_k,): the share of each key's cell inside the mask (0 for text keys)."""
         grid = call.grid
         if self.mask.ndim == 3:
             if len(grid) != 3 or self.mask.shape[0] != grid[0]:
                 raise ValueError(f"video mask of {self.mask.shape[0]} frames does not match token grid {grid}")
-            small = torch.stack([resize_mask(m, grid, self.threshold) for m in self.mask]).flatten()
+            small = torch.stack([mask_coverage(m, grid) for m in self.mask]).flatten()
         else:
-            small = resize_mask(self.mask, grid, self.threshold).flatten()
+            small = mask_coverage(self.mask, grid).flatten()
             if len(grid) == 3:
                 small = small.repeat(grid[0])
-        hidden = torch.zeros(call.num_keys, dtype=torch.bool, device=call.device)
-        hidden[call.image_keys] = small.to(call.device)
-        return hidden
+        covered = torch.zeros(call.num_keys, device=call.device)
+        covered[call.image_keys] = small.to(call.device)
+        return covered
 
     def key_keep(self, call: AttentionCall) -> torch.Tensor | None:
-        return None if self.mode == "soft" else ~self._hidden(call)[None]
+        return None if self.mode == "soft" else (self.coverage(call) <= self.threshold)[None]
 
     def key_scale(self, call: AttentionCall) -> torch.Tensor | None:
-        return (~self._hidden(call)).to(call.dtype)[None] if self.mode == "soft" else None
+        return (1 - self.coverage(call)).to(call.dtype)[None] if self.mode == "soft" else None
 
     def __repr__(self) -> str:
         return f"KeyMask(mask={tuple(self.mask.shape)}, mode={self.mode!r}, layers={_fmt(self.layers)}, steps={self.steps})"

@@ -15,12 +15,13 @@ This module turns user masks into that edit:
 * :func:`load_mask` reads a PIL image, numpy array, tensor, file path or box ``(x0, y0, x1, y1)`` and binarizes
   it: a pixel is masked when its value, scaled to [0, 1] (8-bit images are divided by 255), is **> threshold**
   (default 0.5, i.e. > 127 for 8-bit masks). Colour masks are averaged over channels first.
-* :func:`dilate_mask` grows a mask by ``px`` pixels (square neighbourhood), the paper's ``attend_scale``.
+* :func:`dilate_kernel` dilates with a ``k`` x ``k`` kernel, the paper's ``attend_scale`` (a 20 px kernel grows a
+  24 px box to 43 px); :func:`dilate_mask` grows by a radius (``2 r + 1`` kernel).
 * :class:`DesignKeyMask` is the core :class:`~attnedit.edits.KeyMask` restricted to self-attention and the
-  conditional branch by default; it resamples the mask to each attention grid once (a per-key vector, never
-  S x S) and is exactly a no-op when the mask hides no key of a grid.
+  conditional branch by default; it resamples the mask to each attention grid once (a per-key vector of the
+  share of each key's cell inside the mask, never S x S) and is exactly a no-op when the mask hides no key.
 
->>> edit = DesignKeyMask.from_mask(load_mask((8, 8, 40, 40), size=(64, 64)), dilation=4, steps=(0, 40))
+>>> edit = DesignKeyMask.from_mask(load_mask((8, 8, 40, 40), size=(64, 64)), dilation=4, steps=(1, 40))
 >>> with install(pipe, edit):                    # a stock SD pipeline: its CFG batch is [uncond, cond]  # doctest: +SKIP
 ...     image = pipe("", height=64, width=64).images[0]
 >>> with install(pipe.unet, edit) as handle, handle.branches("uncond", "cond"):   # your own loop  # doctest: +SKIP
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .edits import KeyMask, resize_mask
+from .edits import KeyMask, mask_coverage
 
 if TYPE_CHECKING:
     from .families import AttentionCall
@@ -108,10 +109,22 @@ def dilate_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
     """Grow a bool ``(H, W)`` mask by ``px`` pixels in every direction (square neighbourhood); ``px=0`` copies."""
     if not isinstance(px, (int, np.integer)) or px < 0:
         raise ValueError(f"dilation={px!r} must be a non-negative integer number of pixels")
-    if px == 0:
+    return dilate_kernel(mask, 2 * int(px) + 1)
+
+
+def dilate_kernel(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Dilate a bool ``(H, W)`` mask with a ``size`` x ``size`` square kernel, as ``cv2.dilate(m, ones((k, k)))``.
+
+    This is the paper's ``attend_scale``: a kernel of ``size`` px grows a mask by ``size - 1`` px in all (anchor at
+    the kernel centre, ``size // 2`` before and the rest after). ``size`` 0 or 1 copies.
+    """
+    if not isinstance(size, (int, np.integer)) or size < 0:
+        raise ValueError(f"dilation={size!r} must be a non-negative integer number of pixels")
+    if size <= 1:
         return mask.clone()
-    grown = F.max_pool2d(mask[None, None].float(), kernel_size=2 * px + 1, stride=1, padding=px)
-    return grown[0, 0] > 0
+    before = int(size) // 2
+    padded = F.pad(mask[None, None].float(), (before, size - 1 - before, before, size - 1 - before))
+    return F.max_pool2d(padded, kernel_size=int(size), stride=1)[0, 0] > 0
 
 
 def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
@@ -128,13 +141,17 @@ def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
 class DesignKeyMask(KeyMask):
     """:class:`KeyMask` for DesignEdit: self-attention keys of the conditional branch, one cached vector per grid.
 
-    ``mask`` is ``(H, W)`` in [0, 1] at any resolution of the image's aspect ratio (True/1 = suppress); a key is
-    masked when more than ``threshold`` of its grid cell is covered. Calls where the mask hides no key, or
-    (hard mode) every key, are left untouched, so an empty mask is exactly no edit.
+    ``mask`` is ``(H, W)`` in [0, 1] at any resolution of the image's aspect ratio (True/1 = suppress). Per
+    attention grid each key gets the share of its cell inside the mask (area average, as the original's resize of
+    the mask to every grid): ``mode="soft"`` scales the key by (1 - share), fractional at the edges as in the
+    released code; ``mode="hard"`` hides a key when its share is above ``threshold`` (default 0: any part of its
+    cell inside), so a thin or non-aligned object never drops out of a coarse grid. Calls where the mask hides no
+    key, or (hard mode) every key, are left untouched, so an empty mask is exactly no edit.
     """
 
     kinds: frozenset[str] | None = frozenset({"self"})
     branches: frozenset[str] | None = frozenset({"cond"})
+    threshold: float = 0.0
     _grids: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,24 +161,26 @@ class DesignKeyMask(KeyMask):
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, dilation: int = 20, **kwargs: Any) -> DesignKeyMask:
-        """Edit from a bool pixel mask ``(H, W)``, dilated by ``dilation`` px first (the paper's ``attend_scale``)."""
-        return cls(mask=dilate_mask(mask.bool(), dilation), **kwargs)
+        """Edit from a bool pixel mask ``(H, W)``, grown by a ``dilation`` px square kernel (``attend_scale``)."""
+        return cls(mask=dilate_kernel(mask.bool(), dilation), **kwargs)
 
-    def _hidden(self, call: AttentionCall) -> torch.Tensor:
+    def _share(self, call: AttentionCall) -> torch.Tensor | None:
+        """Float (S_k,) share of each key inside the mask, or None where the call needs no edit (cached per grid)."""
         key = (call.grid, call.num_keys, call.image_keys.start, str(call.device))
         if key not in self._grids:
-            hidden = torch.zeros(call.num_keys, dtype=torch.bool)
-            hidden[call.image_keys] = resize_mask(self.mask.float(), call.grid, self.threshold).flatten()
-            self._grids[key] = hidden.to(call.device) if 0 < int(hidden.sum()) < call.num_keys else None
+            share = torch.zeros(call.num_keys)
+            share[call.image_keys] = mask_coverage(self.mask.float(), call.grid).flatten()
+            hidden = int((share > self.threshold).sum())
+            self._grids[key] = share.to(call.device) if 0 < hidden < call.num_keys else None
         return self._grids[key]
 
     def key_keep(self, call: AttentionCall) -> torch.Tensor | None:
-        hidden = self._hidden(call)
-        return None if hidden is None or self.mode == "soft" else ~hidden[None]
+        share = self._share(call)
+        return None if share is None or self.mode == "soft" else (share <= self.threshold)[None]
 
     def key_scale(self, call: AttentionCall) -> torch.Tensor | None:
-        hidden = self._hidden(call)
-        return None if hidden is None or self.mode == "hard" else (~hidden).to(call.dtype)[None]
+        share = self._share(call)
+        return None if share is None or self.mode == "hard" else (1 - share).to(call.dtype)[None]
 
     def __repr__(self) -> str:
         return f"DesignKeyMask(mask={tuple(self.mask.shape)}, mode={self.mode!r}, steps={self.steps}, branches={sorted(self.branches or [])})"

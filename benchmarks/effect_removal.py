@@ -34,7 +34,6 @@ from harness import summarize, write_results
 
 from attnedit import world
 from attnedit.builtin import EDIT_DEFAULTS, load_builtin
-from attnedit.key_masking import dilate_mask
 from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor
 
 GONE_BELOW = 0.2  # fraction of the source's object pixels (inside the mask) that may remain
@@ -67,7 +66,7 @@ def score(edited: np.ndarray, source: np.ndarray, scene: world.Scene, hole: np.n
 def run(pipe, data, config: DesignEditConfig, dilation: int) -> tuple[list[dict], float]:
     editor, scores, start = DesignEditor(pipe, config), [], time.perf_counter()
     for scene, source, mask in data:
-        hole = dilate_mask(torch.from_numpy(mask), dilation).numpy().astype(bool)
+        hole = editor.dilate(torch.from_numpy(mask), dilation).numpy().astype(bool)
         edited = np.asarray(editor.remove(source, torch.from_numpy(mask), dilation=dilation))
         scores.append(score(edited, source, scene, hole))
     return scores, time.perf_counter() - start
@@ -77,7 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--dilation", type=int, default=3, help="mask dilation in pixels (64 px images)")
+    parser.add_argument("--dilation", type=int, default=7,
+                        help="attend_scale: kernel px at the model's native 64 px (7 = the earlier 3 px radius)")
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--quick", action="store_true", help="6 images, for a smoke run")
     parser.add_argument("--out", default="effect_removal")
@@ -90,7 +90,8 @@ def main() -> None:
     settings = {"paper": paper, "hole_noise": shipped,
                 "hole_noise_no_key_masking": dataclasses.replace(shipped, mask_until=0.0),
                 "hole_noise_no_paste_back": dataclasses.replace(shipped, paste_back=False)}
-    results = {"model": "shapes-t2i", "images": len(data), "steps": args.steps, "dilation_px": args.dilation,
+    results = {"model": "shapes-t2i", "images": len(data), "steps": args.steps, "dilation_kernel_px": args.dilation,
+               "mask_steps": [paper.start(paper.mask_from), paper.step(paper.mask_until)],
                "gone_criterion": f"object colour pixels left inside the mask < {GONE_BELOW} of the source's"}
     for name, config in settings.items():
         scores, seconds = run(pipe, data, config, args.dilation)

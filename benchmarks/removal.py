@@ -1,4 +1,6 @@
-"""DesignEdit removal: time vs plain DDIM inversion + reconstruction, and PSNR outside the mask vs the source.
+"""DesignEdit removal: time vs plain inversion + reconstruction, and PSNR outside the mask vs the source.
+
+Families: SD 1.5 and SDXL (DDIM), SD3 and FLUX (flow matching: Euler inversion; FLUX in one pass, hole noise).
 
 Test images are the tiny zoo pipelines' own outputs (fixed seeds), each with a box mask at a fixed position.
 Timing: per image, ``DesignEditor.remove`` vs ``DesignEditor.reconstruct`` with the same settings (same
@@ -24,7 +26,7 @@ import torch
 from harness import compare, write_results
 
 from attnedit import zoo
-from attnedit.key_masking import box_mask, dilate_mask
+from attnedit.key_masking import box_mask
 from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor
 
 
@@ -53,7 +55,7 @@ def quality(editor: DesignEditor, images, masks, dilation: int) -> dict[str, flo
     raw = DesignEditor(editor.pipe, dataclasses.replace(editor.config, paste_back=False))
     scores: dict[str, list[float]] = {"reconstruction": [], "removal_no_paste_back": [], "removal": []}
     for image, box in zip(images, masks):
-        outside = ~dilate_mask(box_mask(box, image.shape[:2]), dilation).numpy()
+        outside = ~editor.dilate(box_mask(box, image.shape[:2]), dilation).numpy()
         scores["reconstruction"].append(psnr(np.asarray(editor.reconstruct(image)), image, outside))
         scores["removal_no_paste_back"].append(psnr(np.asarray(raw.remove(image, box, dilation)), image, outside))
         scores["removal"].append(psnr(np.asarray(editor.remove(image, box, dilation)), image, outside))
@@ -76,17 +78,21 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
     return {
         **timing, "ratio_vs_guidance1_reconstruction": vs_plain["ratio"], **quality(editor, images, masks, args.dilation),
         "images": args.images, "size": args.size, "steps": args.steps, "dilation": args.dilation,
-        "guidance_scale": config.guidance_scale, "mode": config.mode,
+        "dilation_units": editor.config.dilation_units, "native_px": editor.native,
+        "hole_px": int(editor.dilate(box_mask(masks[0], (args.size, args.size)), args.dilation).any(0).sum()),
+        "box_px": masks[0][2] - masks[0][0], "guidance_scale": editor.config.guidance_scale,
+        "hole_noise": editor.config.hole_noise, "mode": editor.config.mode, "mask_steps": [
+            editor.config.start(editor.config.mask_from), editor.config.step(editor.config.mask_until)],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--families", nargs="*", default=["sd15", "sdxl"])
+    parser.add_argument("--families", nargs="*", default=["sd15", "sdxl", "sd3", "flux"])
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--size", type=int, default=128, help="image side in px (tiny models: 128 -> 16x16 latents)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dilation", type=int, default=8)
+    parser.add_argument("--dilation", type=int, default=8, help="attend_scale: kernel px at the model's native size")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clock", choices=["wall", "process"], default="process")
     parser.add_argument("--threads", type=int, default=1)

@@ -85,3 +85,11 @@ def test_unknown_operation_is_an_argparse_error(photo):
     with pytest.raises(SystemExit) as exit_info:
         main(["edit", "paint", str(photo)])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("model", ["tiny:sd3", "tiny:flux"])
+def test_edit_on_flow_matching_transformers(photo, tmp_path, model):
+    out = tmp_path / "removed.png"
+    assert main(["edit", "remove", str(photo), "--box", "16,16,40,40", "--steps", "3", "--model", model,
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == Image.open(photo).size and read_png_parameters(out)["model"] == model

@@ -1,4 +1,4 @@
-"""DesignEdit pipeline on tiny SD 1.5 / SDXL: inversion, blending, every operation end to end, sizes, errors."""
+"""DesignEdit on tiny SD 1.5 / SDXL / SD3 / FLUX: inversion, blending, every operation end to end, sizes, errors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from attnedit import AttentionRecorder, install
+from attnedit.key_masking import DesignKeyMask
 from attnedit.pipelines.design_edit import (
     Canvas,
     DesignEditConfig,
@@ -30,7 +32,7 @@ def picture(h: int = 48, w: int = 80) -> np.ndarray:
     return image
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd3", "flux"])
 def editor(request, tiny_pipe):
     return DesignEditor(tiny_pipe(request.param), FAST)
 
@@ -77,9 +79,9 @@ def test_inversion_then_reconstruction_returns_the_source_latent(tiny_pipe, fami
     canvas = Canvas((64, 64), (64, 64), (64, 64))
     for iterations in (0, 4):
         editor = DesignEditor(tiny_pipe(family), DesignEditConfig(num_steps=16, guidance_scale=1.0, inversion_iterations=iterations))
-        trajectory = editor.invert(z0, editor._condition(canvas.padded))
+        trajectory = editor.invert(z0, editor.model.run(canvas.padded))
         assert len(trajectory) == 17 and torch.equal(trajectory[-1], z0)
-        z, region = editor._denoise(trajectory, canvas, None, [])
+        z, region = editor._denoise(trajectory, editor.model.run(canvas.padded), None, [])
         errors[iterations] = float((z - z0).norm() / z0.norm())
         assert region is None
     assert errors[4] < 0.05 and errors[4] < errors[0] / 4, errors
@@ -88,10 +90,10 @@ def test_inversion_then_reconstruction_returns_the_source_latent(tiny_pipe, fami
 def test_blending_keeps_the_reconstruction_outside_the_hole(tiny_pipe):
     editor = DesignEditor(tiny_pipe("sd15"), DesignEditConfig(num_steps=4, blend_until=1.0, proximal_strength=0.0))
     canvas = Canvas((64, 64), (64, 64), (64, 64))
-    trajectory = editor.invert(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), editor._condition((64, 64)))
+    trajectory = editor.invert(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), editor.model.run((64, 64)))
     hole = torch.zeros(8, 8)
     hole[2:5, 3:6] = 1.0
-    z, region = editor._denoise(trajectory, canvas, hole, [])
+    z, region = editor._denoise(trajectory, editor.model.run(canvas.padded), hole, [])
     outside = region == 0
     assert torch.equal(region[0, 0] > 0, hole > 0)
     assert torch.equal(z.masked_select(outside), trajectory[-1].masked_select(outside))
@@ -161,7 +163,7 @@ def test_config_validation_and_pipe_untouched(tiny_pipe):
         DesignEditConfig(mode="both")
     with pytest.raises(ValueError, match=r"mask_until=1.5 must be in \[0, 1\]"):
         DesignEditConfig(mask_until=1.5)
-    with pytest.raises(ValueError, match=r"DesignEditor needs a StableDiffusion\(XL\) pipeline"):
+    with pytest.raises(ValueError, match=r"DesignEditor needs a pipeline with a unet or transformer and a vae"):
         DesignEditor(object())
 
 
@@ -173,8 +175,8 @@ def test_key_masking_is_what_changes_the_hole(tiny_pipe):
     results = {}
     for until in (0.0, 1.0):
         editor = DesignEditor(tiny_pipe("sd15"), DesignEditConfig(num_steps=4, mask_until=until, proximal_strength=0.0))
-        trajectory = editor.invert(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), editor._condition((64, 64)))
-        results[until] = editor._denoise(trajectory, canvas, hole, [])[0]
+        trajectory = editor.invert(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), editor.model.run((64, 64)))
+        results[until] = editor._denoise(trajectory, editor.model.run(canvas.padded), hole, [])[0]
     inside = hole.bool().expand(1, 4, 8, 8)
     assert (results[1.0] - results[0.0])[inside].abs().mean() > 1e-2
 
@@ -188,3 +190,98 @@ def test_refine_mask_hides_keys_but_keeps_pixels(tiny_pipe):
     assert np.abs(refined[6:16, 8:20] - plain[6:16, 8:20]).mean() > 0.5  # the hole no longer copies from B
     with pytest.raises(ValueError, match="refine is empty"):
         editor.remove(image, A, refine=np.zeros((48, 80), np.uint8))
+
+
+# -- the paper's mask: dilation units, step window ---------------------------------------------------------------
+def test_dilation_is_the_papers_kernel_at_native_resolution(tiny_pipe):
+    """attend_scale=20 is a 20 px kernel at 1024 px: a 24 px box grows to 43 px there (64 px as a 20 px radius)."""
+    editor = DesignEditor(tiny_pipe("sd15"), FAST)
+    editor.native = 1024  # as SDXL
+    box = torch.zeros(1024, 1024, dtype=torch.bool)
+    box[500:524, 500:524] = True
+    width = lambda m: int(m.any(0).sum())
+    assert width(editor.dilate(box, 20)) == 43
+    assert width(editor.dilate(box[::2, ::2], 20)) == 12 + 9  # a 512 px image: the kernel scales to 10 px
+    radius = DesignEditor(tiny_pipe("sd15"), DesignEditConfig(num_steps=4, dilation_units="radius"))
+    assert width(radius.dilate(box, 20)) == 64
+    with pytest.raises(ValueError, match="dilation_units='px' must be one of"):
+        DesignEditConfig(dilation_units="px")
+
+
+def test_key_masking_covers_the_papers_steps(tiny_pipe):
+    """Steps 1-39 of 50 by default: at 5 steps with mask_until 0.8, steps 1, 2 and 3 are masked, not step 0."""
+    assert (DesignEditConfig().start(0.02), DesignEditConfig().step(0.8)) == (1, 40)
+    editor = DesignEditor(tiny_pipe("sd15"), DesignEditConfig(num_steps=5))
+    run = editor.model.run((64, 64))
+    trajectory = editor.invert(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)), run)
+    hole = torch.zeros(8, 8)
+    hole[2:6, 2:6] = 1.0
+    recorder = AttentionRecorder(kinds={"self"}, branches={"cond"})
+    with install(editor.model.denoiser, recorder):  # the editor's key mask joins this installation
+        editor._denoise(trajectory, run, hole, [])
+    masked = {m.step for m in recorder.maps if m.grid == (8, 8) and m.probs[..., hole.flatten() > 0].max() == 0}
+    assert masked == {1, 2, 3} and {m.step for m in recorder.maps} == set(range(5))
+
+
+# -- flow-matching transformers: SD3 and FLUX ----------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_inversion_reconstructs(tiny_pipe, family):
+    """Euler inversion of the velocity ODE; fixed-point refinement makes sampling its exact inverse."""
+    errors = {}
+    z0 = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    for iterations in (0, 4):
+        editor = DesignEditor(tiny_pipe(family), DesignEditConfig(num_steps=16, guidance_scale=1.0, inversion_iterations=iterations))
+        run = editor.model.run((64, 64))
+        trajectory = editor.invert(z0, run)
+        assert len(trajectory) == 17 and torch.equal(trajectory[-1], z0)
+        z, _ = editor._denoise(trajectory, run, None, [])
+        errors[iterations] = float((z - z0).norm() / z0.norm())
+    assert errors[4] < 0.01 and errors[4] < errors[0] / 4, errors
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_key_mask_hides_image_keys_exactly(tiny_pipe, family):
+    """Hard mode: hidden image keys get zero weight in every joint block (FLUX: single-stream too); text keys kept."""
+    editor = DesignEditor(tiny_pipe(family), DesignEditConfig(num_steps=4))
+    run = editor.model.run((64, 80))
+    z = torch.randn(1, 16, 8, 10, generator=torch.Generator().manual_seed(4))
+    hole = torch.zeros(8, 10)
+    hole[1:5, 2:7] = 0.6  # partial coverage: still hidden (any part of the cell inside)
+    edit = DesignKeyMask(mask=hole, kinds=editor.model.kinds, branches=None)
+    recorder = AttentionRecorder(kinds={"joint"})
+    with install(editor.model.denoiser, edit, recorder):
+        reference = editor.model.predict(run, z, 1)
+    streams = {m.site.stream for m in recorder.maps}
+    assert streams == ({"double", "single"} if family == "flux" else {""})
+    for m in recorder.maps:
+        grid_hidden = cell_share(hole, m.grid) > 0
+        image = m.probs[..., m.image_keys]
+        assert image[..., grid_hidden].abs().max() == 0 and image[..., ~grid_hidden].sum(-1).min() > 0
+        assert m.probs[..., m.text_keys].sum(-1).min() > 0
+    with install(editor.model.denoiser, edit):
+        fast = editor.model.predict(run, z, 1)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    assert (fast - editor.model.predict(run, z, 1)).abs().max() > 1e-4
+
+
+def cell_share(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    return torch.nn.functional.interpolate(mask[None, None].float(), size=grid[-2:], mode="area")[0, 0].flatten()
+
+
+def test_flux_rejects_what_the_distilled_model_ignores(tiny_pipe):
+    pipe = tiny_pipe("flux")
+    assert DesignEditor(pipe).config.guidance_scale == 1.0 and DesignEditor(pipe).config.hole_noise == 1.0
+    with pytest.raises(ValueError, match=r"guidance_scale=7.5: FLUX.1 is guidance-distilled"):
+        DesignEditor(pipe, DesignEditConfig(guidance_scale=7.5))
+    with pytest.raises(ValueError, match=r"mode='soft' needs the CFG pair"):
+        DesignEditor(pipe, DesignEditConfig(mode="soft"))
+    with pytest.raises(ValueError, match=r"embedded_guidance=3.5 is only read by guidance-distilled models"):
+        DesignEditor(tiny_pipe("sd3"), DesignEditConfig(embedded_guidance=3.5))
+    with pytest.raises(ValueError, match=r"DesignEditor supports Stable Diffusion 1.x/2.x/XL \(unet\), SD3/SD3.5 \(sd3\) "
+                                         r"and FLUX.1 \(flux\) pipelines; WanPipeline is a wan pipeline"):
+        DesignEditor(tiny_pipe("wan"))
+    editor = DesignEditor(pipe, FAST)
+    with pytest.raises(ValueError, match=r"mask size 64x64 \(WxH\) does not match the image size 80x48"):
+        editor.remove(picture(), np.zeros((64, 64), np.uint8))
+    first, second = (np.asarray(editor.remove(picture(), A, dilation=2)) for _ in range(2))
+    assert np.array_equal(first, second)  # the hole noise is seeded

@@ -100,12 +100,15 @@ def test_editor_mask_reads_layer_alpha_at_background_size():
     assert editor_mask(None) is None
 
 
-@pytest.mark.parametrize("operation, direction", [("remove", "h"), ("move", "h"), ("flip", "v"), ("pan", "left")])
-def test_edit_operations_keep_the_image_size(tiny_pipe, operation, direction):
+@pytest.mark.parametrize("family, operation, direction", [
+    ("sd15", "remove", "h"), ("sd15", "move", "h"), ("sd15", "flip", "v"), ("sd15", "pan", "left"),
+    ("sd3", "remove", "h"), ("flux", "move", "h"),
+])
+def test_edit_operations_keep_the_image_size(tiny_pipe, family, operation, direction):
     from attnedit.webapp_tabs import parse_box, run_edit
 
     image = np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)
-    out = run_edit(tiny_pipe("sd15"), image, parse_box("8, 8, 24, 30"), operation, dx=8, direction=direction, amount=8,
+    out = run_edit(tiny_pipe(family), image, parse_box("8, 8, 24, 30"), operation, dx=8, direction=direction, amount=8,
                    steps=3)
     assert out.shape == (64, 48, 3) and out.dtype == np.uint8
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from attnedit import AttentionRecorder, install, zoo
@@ -95,18 +94,51 @@ def test_dilation_matches_a_square_neighbourhood():
 
 
 # -- the edit ------------------------------------------------------------------------------------------------------
-def test_key_vector_per_grid_is_area_downsampled(tiny_pipe):
-    mask = box_mask((0, 0, 24, 40), SIZE)
+def cell_share_reference(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The share of each grid cell inside the mask, by explicit loops (cells as in adaptive average pooling)."""
+    (H, W), (h, w) = mask.shape, grid
+    out = torch.zeros(h, w)
+    for i in range(h):
+        for j in range(w):
+            y0, y1 = (i * H) // h, -(-((i + 1) * H) // h)
+            x0, x1 = (j * W) // w, -(-((j + 1) * W) // w)
+            out[i, j] = mask[y0:y1, x0:x1].float().mean()
+    return out
+
+
+def test_key_share_per_grid_matches_a_dense_cell_reference(tiny_pipe):
+    """Each key gets the share of its cell inside the mask, fractional at the edges (the original's resize)."""
+    mask = box_mask((0, 0, 20, 36), SIZE)  # not aligned to the 8x8 or 4x4 grids
     edit = DesignKeyMask.from_mask(mask, dilation=0)
     recorder = AttentionRecorder(kinds={"self"})
     latents(tiny_pipe("sd15"), edit, recorder)
     grids = {m.grid for m in recorder.maps}
     assert grids == {(8, 8), (4, 4)}
     for grid in grids:
-        expected = F.interpolate(mask[None, None].float(), size=grid, mode="area")[0, 0] > 0.5
-        vector = next(v for k, v in edit._grids.items() if k[0] == grid)
-        assert vector.shape == (grid[0] * grid[1],) and torch.equal(vector, expected.flatten())
-        assert torch.equal(vector, resize_mask(mask.float(), grid).flatten())
+        share = next(v for k, v in edit._grids.items() if k[0] == grid)
+        assert share.shape == (grid[0] * grid[1],)
+        torch.testing.assert_close(share, cell_share_reference(mask, grid).flatten())
+        assert ((share > 0) & (share < 1)).any()  # edge cells are fractional
+        for m in (r for r in recorder.maps if r.grid == grid):  # hard mode: any covered key is hidden
+            assert m.probs[1][..., share > 0].abs().max() == 0
+
+
+def test_thin_and_unaligned_masks_keep_keys_on_every_grid(tiny_pipe):
+    """A 2 px bar vanishes from coarse grids under a > 50% rule; with any-overlap it hides keys on every grid."""
+    mask = torch.zeros(SIZE, dtype=torch.bool)
+    mask[5:59, 37:39] = True  # 2 px wide, straddling cells of every grid
+    for grid in ((8, 8), (4, 4), (2, 2)):
+        assert not resize_mask(mask.float(), grid, 0.5).any()  # the old rule: no key left
+    edit, recorder = DesignKeyMask(mask=mask), AttentionRecorder(kinds={"self"}, branches={"cond"})
+    latents(tiny_pipe("sd15"), edit, recorder)
+    assert {m.grid for m in recorder.maps} == {(8, 8), (4, 4)}
+    for m in recorder.maps:
+        hidden = cell_share_reference(mask, m.grid).flatten() > 0
+        assert 0 < int(hidden.sum()) < hidden.numel()
+        assert m.probs[..., hidden].abs().max() == 0 and m.probs[..., ~hidden].sum(-1).min() > 0.99
+    soft = DesignKeyMask(mask=mask, mode="soft")  # soft: fractional scales, fast path equals the dense reference
+    torch.testing.assert_close(latents(tiny_pipe("sd15"), soft), latents(tiny_pipe("sd15"), soft, backend="reference"),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_empty_mask_is_exactly_no_edit(tiny_pipe):
