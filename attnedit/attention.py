@@ -94,14 +94,24 @@ def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
     block: BlockMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention: (out (B, H, S_q, D), probs (B, H, S_q, S_k)). ``mask`` bool (keep) or additive."""
+    """Reference attention: (out (B, H, S_q, D), probs (B, H, S_q, S_k)). ``mask`` bool (keep) or additive.
+
+    Half-precision inputs (float16 / bfloat16) are computed in float32, as fused kernels accumulate, and the
+    results cast back: float16 scores ``QK^T`` can overflow (the reason for diffusers' ``upcast_attention``), and
+    rounding scores and probabilities to 8 mantissa bits (bfloat16) would make the reference the least exact path.
+    """
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.float()
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     if block is not None:
         scores = scores.masked_fill(~block.dense().to(scores.device), float("-inf"))
     probs = scores.softmax(dim=-1)
-    return probs @ v, probs
+    return (probs @ v).to(dtype), probs.to(dtype)
 
 
 def flex_attention(q, k, v, mask: torch.Tensor | None, block: BlockMask) -> torch.Tensor:
@@ -117,7 +127,9 @@ def flex_block_mask(block: BlockMask, keys: torch.Tensor | None, device: torch.d
     """FlexAttention BlockMask of ``block`` AND a per-key keep ``keys`` (B, S_k), built once per block table.
 
     Cached by the identity of ``block.blocks`` (treated as read-only) and the content of ``keys``, so an edit that
-    returns the same table every call (radial attention caches one per geometry) pays ``create_block_mask`` once.
+    returns the same table every call (radial attention caches one per geometry) pays the build once. Without
+    ``keys`` and with 128-token blocks the mask is built from the table itself (:func:`flex_mask_from_table`):
+    ``create_block_mask`` evaluates the mask at every query-key pair, about 10 bytes each (11 GB at Wan 480p).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -127,17 +139,48 @@ def flex_block_mask(block: BlockMask, keys: torch.Tensor | None, device: torch.d
     if hit is not None and hit[0] is block.blocks:
         return hit[1]
     table, size = block.blocks.to(device), block.block_size
+    if keys is None and size == FLEX_BLOCK:
+        bm = flex_mask_from_table(block, device)
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = table[q_idx // size, kv_idx // size]
+            return allowed if keys is None else allowed & keys[b, kv_idx]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = table[q_idx // size, kv_idx // size]
-        return allowed if keys is None else allowed & keys[b, kv_idx]
-
-    batch = keys.shape[0] if keys is not None else None
-    bm = create_block_mask(mask_mod, batch, None, block.num_queries, block.num_keys, device=device)
+        batch = keys.shape[0] if keys is not None else None
+        bm = create_block_mask(mask_mod, batch, None, block.num_queries, block.num_keys, device=device)
     if len(_FLEX_MASKS) >= 16:
         _FLEX_MASKS.pop(next(iter(_FLEX_MASKS)))
     _FLEX_MASKS[(ident, content)] = (block.blocks, bm)
     return bm
+
+
+FLEX_BLOCK = 128  # FlexAttention's default block size
+
+
+def flex_mask_from_table(block: BlockMask, device: torch.device):
+    """The BlockMask ``create_block_mask`` would build for a 128-token block table, without any S x S mask.
+
+    Kept blocks are full blocks; a short last block row or column (token counts not a multiple of 128) is partial,
+    evaluated by ``mask_mod`` against the sequence lengths.
+    """
+    from torch.nn.attention.flex_attention import BlockMask as FlexMask
+
+    table = block.blocks.to(device)
+    full = table.clone()
+    if block.num_queries % FLEX_BLOCK:
+        full[-1, :] = False
+    if block.num_keys % FLEX_BLOCK:
+        full[:, -1] = False
+
+    def ordered(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (t[None, None].sum(-1, dtype=torch.int32),
+                torch.argsort(t[None, None].int(), dim=-1, descending=True, stable=True).int())
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return table[q_idx // FLEX_BLOCK, kv_idx // FLEX_BLOCK]
+
+    return FlexMask.from_kv_blocks(*ordered(table & ~full), *ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                   seq_lengths=(block.num_queries, block.num_keys))
 
 
 _FLEX = None

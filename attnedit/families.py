@@ -178,7 +178,8 @@ FAMILIES: dict[str, Family] = {
 
 
 def detect_family(model: torch.nn.Module) -> Family:
-    """The adapter for a denoiser, by its diffusers class (subclasses count)."""
+    """The adapter for a denoiser, by its diffusers class (subclasses count; ``torch.compile(model)`` too)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the model
     for cls in type(model).__mro__:
         for family in FAMILIES.values():
             if cls.__name__ == family.model_class:

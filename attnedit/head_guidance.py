@@ -37,7 +37,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .edits import HeadBlend
 from .families import Site
-from .install import Installation, install
+from .install import Installation, _unwrap_compiled, install
 
 __all__ = [
     "PERTURBED_KIND", "SoftPAG", "format_heads", "load_heads", "parse_heads", "perturbed_guidance",
@@ -225,7 +225,9 @@ class _GuidanceHook(ModelHook):
             return 0.0
         if pipe is None:
             raise ValueError("cfg_scale=None needs a pipeline to read its guidance scale from; pass cfg_scale")
-        second = getattr(pipe, "transformer_2", None) is self.model and getattr(pipe, "_guidance_scale_2", None)
+        # Wan 2.2: transformer_2 (possibly torch.compile-wrapped) runs the low-noise steps with guidance_scale_2
+        second_model = _unwrap_compiled(getattr(pipe, "transformer_2", None))
+        second = second_model is self.model and getattr(pipe, "_guidance_scale_2", None)
         return float(second or pipe.guidance_scale)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -104,6 +104,12 @@ class Installation:
             return
         self.family = detect_family(self.models[0])
         self.sites = self.family.sites(self.models[0])
+        for other in self.models[1:]:  # Wan 2.2: transformer_2 shares the layer numbering edits are written in
+            if detect_family(other) is not self.family or self.family.sites(other) != self.sites:
+                raise ValueError(
+                    f"the pipeline's denoisers {[type(m).__name__ for m in self.models]} have different attention "
+                    "sites; install on one of them (install(pipe.transformer, ...)) instead of the pipeline"
+                )
         self.backend = backend
         self.state = RunState(self.family, self.pipeline)
         self.edits = edits
@@ -232,10 +238,22 @@ def _is_pipeline(target: Any) -> bool:
 
 
 def _denoisers(target: Any) -> list[torch.nn.Module]:
+    """The denoisers of a pipeline (``transformer_2`` too: Wan 2.2's low-noise expert), or the model itself.
+
+    ``torch.compile(model)`` wraps a model in an ``OptimizedModule`` that forwards to ``_orig_mod``: the processors
+    and the step hook go on the wrapped model (whose attention modules the compiled forward calls).
+    """
     if isinstance(target, torch.nn.Module):
-        return [target]
+        return [_unwrap_compiled(target)]
     if _is_pipeline(target):
         found = [getattr(target, n) for n in ("unet", "transformer", "transformer_2") if getattr(target, n, None) is not None]
         if found:
-            return found
+            return [_unwrap_compiled(m) for m in found]
     raise ValueError(f"{type(target).__name__} is neither a diffusers pipeline with a unet/transformer nor a denoiser model")
+
+
+def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a ``torch.compile`` wrapper (``OptimizedModule``) compiles; any other model as it is."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model

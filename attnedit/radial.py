@@ -11,7 +11,9 @@ Long Video Generation" (MIT Han Lab, 2025), with the block rule of the authors' 
   ``block * 2^(r+1) / P``;
 * optional attention sink: every token sees all of frame 0 (Wan);
 * each frame pair is rounded to ``block x block`` blocks (a block is kept when more than 60% of its non-empty key
-  columns have more than a third of their queries active) and the pairs are OR-ed into one block mask.
+  columns have more than a third of their queries active) and the pairs are OR-ed into one block mask. Where a
+  frame only partly fills a block, "their queries" are the frame's rows in that block, so short frames (or a
+  short last block) keep their dense diagonal; with frames that tile the blocks this is the released rule.
 
 Token counts need not be multiples of the block size: a pair that starts inside a block is placed at its offset
 (the released code asserts ``s * f % 128 == 0`` instead). In joint [video; text] attention (HunyuanVideo) every
@@ -78,9 +80,12 @@ def _pair_blocks(s: int, width: int, row_offset: int, col_offset: int, block: in
     lo, hi = (col - width).clamp(min=0), (col + width).clamp(max=s - 1)  # active rows of each column
     start = torch.arange(n_rows)[:, None] * block - row_offset  # first row of each block, frame coordinates
     count = (torch.minimum(hi, start + block - 1) - torch.maximum(lo, start) + 1).clamp(min=0)
+    # the share of the pair's queries inside each block (a block that a frame only partly fills is judged by the
+    # rows the frame has there: otherwise a frame of under block/3 tokens would lose even its diagonal block)
+    rows = (torch.minimum(start + block, torch.tensor(s)) - torch.maximum(start, torch.tensor(0))).clamp(min=1)
     padded = torch.zeros(n_rows, n_cols * block)
-    padded[:, col_offset : col_offset + s] = count.float()
-    density = (padded / block).view(n_rows, n_cols, block)
+    padded[:, col_offset : col_offset + s] = count.float() / rows
+    density = padded.view(n_rows, n_cols, block)
     nonzero, high = (density > 0).sum(-1), (density > 1 / 3).sum(-1)
     return high / (nonzero + 1e-9) > 0.6
 

@@ -71,11 +71,14 @@ from transformers import (
 )
 
 __all__ = [
-    "FAMILIES", "HUNYUAN_PROMPT_TEMPLATE", "build_pipeline", "call_kwargs", "clip_tokenizer", "denoiser",
-    "load_tiny_pipeline", "save_tiny_pipeline", "word_tokenizer",
+    "EXTRA_PIPELINES", "FAMILIES", "HUNYUAN_PROMPT_TEMPLATE", "build_pipeline", "call_kwargs", "clip_tokenizer",
+    "denoiser", "load_tiny_pipeline", "save_tiny_pipeline", "word_tokenizer",
 ]
 
 FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "wan", "hunyuan_video")
+# Further tiny pipelines of a family above, built and loaded like them but not iterated over by FAMILIES' users:
+# "wan22" is a Wan 2.2 A14B-style WanPipeline with two denoisers (transformer, transformer_2) and boundary_ratio.
+EXTRA_PIPELINES: tuple[str, ...] = ("wan22",)
 
 # Words that get their own token in every tokenizer (whole-word merges for CLIP, entries for word-level ones).
 _WORD_TEXT = """
@@ -291,18 +294,38 @@ def _build_flux() -> FluxPipeline:
     )
 
 
-def _build_wan() -> WanPipeline:
-    transformer = WanTransformer3DModel(
+def _wan_transformer() -> WanTransformer3DModel:
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=32,  # = UMT5 d_model
         freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
+
+
+def _build_wan() -> WanPipeline:
+    transformer = _wan_transformer()
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     return WanPipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         text_encoder=_t5_encoder(32, umt5=True), tokenizer=word_tokenizer("t5"),
+    )
+
+
+def _build_wan22() -> WanPipeline:
+    """Wan 2.2 A14B layout: ``transformer`` for the high-noise steps (t >= 0.875 * 1000), ``transformer_2`` after.
+
+    The first three components are drawn exactly as in ``_build_wan``; ``transformer_2`` has the same config and
+    its own seed (``initial seed + 1``), so the two denoisers differ.
+    """
+    pipe = _build_wan()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1)
+        transformer_2 = _wan_transformer()
+    return WanPipeline(
+        transformer=pipe.transformer, transformer_2=transformer_2, boundary_ratio=0.875, vae=pipe.vae,
+        scheduler=pipe.scheduler, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
     )
 
 
@@ -329,7 +352,7 @@ def _build_hunyuan_video() -> HunyuanVideoPipeline:
 
 _BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "sd15": _build_sd15, "sdxl": _build_sdxl, "sd3": _build_sd3,
-    "flux": _build_flux, "wan": _build_wan, "hunyuan_video": _build_hunyuan_video,
+    "flux": _build_flux, "wan": _build_wan, "hunyuan_video": _build_hunyuan_video, "wan22": _build_wan22,
 }
 
 _PROMPT = "a red cat sitting on a blue square"
@@ -344,13 +367,16 @@ _CALL_KWARGS: dict[str, dict] = {
         "height": 32, "width": 32, "num_frames": 5, "guidance_scale": 6.0, "max_sequence_length": 32,
         "prompt_template": HUNYUAN_PROMPT_TEMPLATE,
     },
+    # 2 steps at shift 7: t = 1000 (transformer), then t = 46.8 (< 875: transformer_2)
+    "wan22": {"height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0, "guidance_scale_2": 3.0,
+              "max_sequence_length": 32},
 }
 
 
 # ------------------------------------------------------------------------------------------ public API
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in FAMILIES + EXTRA_PIPELINES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + EXTRA_PIPELINES}")
 
 
 def build_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:

@@ -29,7 +29,8 @@ def brute_force(frames: int, s: int, block: int, decay: float, sink: bool) -> to
             canvas[i * s : (i + 1) * s, j * s : (j + 1) * s] = local
             pair = torch.zeros_like(canvas)
             pair[i * s : (i + 1) * s, j * s : (j + 1) * s] = True  # this pair's own area
-            cols = canvas.view(nb, block, nb, block).sum(1).float() / block  # (nb, nb, block): per-column density
+            rows = pair[:, j * s].view(nb, block).sum(1).clamp(min=1).float()  # the pair's query rows per block row
+            cols = canvas.view(nb, block, nb, block).sum(1).float() / rows[:, None, None]  # per-column density
             touched = pair.view(nb, block, nb, block).any(1)
             nonzero, high = ((cols > 0) & touched).sum(-1), ((cols > 1 / 3) & touched).sum(-1)
             out |= high / (nonzero + 1e-9) > 0.6
@@ -42,6 +43,13 @@ def brute_force(frames: int, s: int, block: int, decay: float, sink: bool) -> to
 )
 def test_mask_matches_token_level_brute_force(frames, s, block, decay, sink):
     assert torch.equal(radial_block_mask(frames, s, block, decay, sink), brute_force(frames, s, block, decay, sink))
+
+
+@pytest.mark.parametrize("frames, s", [(5, 390), (6, 1560), (9, 3600), (8, 16), (8, 40), (30, 43), (7, 129)])
+def test_every_query_block_keeps_its_diagonal(frames, s):
+    """Frames shorter than a third of a block, or a short last block, once lost their dense diagonal block."""
+    mask = radial_block_mask(frames, s, 128, 0.2, True)
+    assert mask.diagonal().all() and mask.any(1).all()
 
 
 def test_reference_sparsities_of_the_paper_settings():
@@ -307,3 +315,21 @@ def test_flex_block_mask_built_once_per_geometry():
     q_idx, kv_idx = torch.arange(448)[:, None], torch.arange(448)[None, :]
     zero = torch.zeros((), dtype=torch.long)
     assert torch.equal(with_keys.mask_mod(zero, zero, q_idx, kv_idx), expected)
+
+
+@pytest.mark.parametrize("frames, per_frame, sink", [(8, 200, True), (6, 256, False), (8, 390, True)])
+def test_flex_mask_from_the_table_is_what_create_block_mask_builds(frames, per_frame, sink):
+    """The FlexAttention mask radial attention uses is built from the block table (no S x S mask), with and without a
+    short last block; create_block_mask, which evaluates every query-key pair, must give the same structure."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from attnedit.attention import flex_mask_from_table
+
+    n = frames * per_frame
+    blocks = radial_block_mask(frames, per_frame, 128, 0.2, sink)
+    ours = flex_mask_from_table(BlockMask(blocks, 128, n, n), torch.device("cpu"))
+    theirs = create_block_mask(lambda b, h, q, kv: blocks[q // 128, kv // 128], None, None, n, n, device="cpu")
+    assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+    for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field

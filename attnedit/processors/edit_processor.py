@@ -32,7 +32,10 @@ class EditProcessor:
         self._parallel_config = getattr(original, "_parallel_config", None)
         self.attention_op = getattr(original, "attention_op", None)
         # keep the kernel the user chose: enable_xformers_memory_efficient_attention() swaps in XFormers* processors
-        self.native = xformers_attention if type(original).__name__.startswith("XFormers") else self.io.native
+        xformers = type(original).__name__.startswith("XFormers")
+        self.native = xformers_attention if xformers else self.io.native
+        # a key mask an edit adds goes to a kernel that applies it (flash-type dispatcher backends take none)
+        self.masked = xformers_attention if xformers else self.io.masked
 
     def __call__(
         self,
@@ -54,7 +57,11 @@ class EditProcessor:
         if edits or self.installation.backend == "reference":
             call = self._call(p)
             active = [e for e in edits if e.covers(call)]
-            native = lambda q, k, v, mask: self.native(q, k, v, mask, self)  # noqa: E731
+            stock_mask = p.mask
+
+            def native(q, k, v, mask):
+                return (self.native if mask is stock_mask else self.masked)(q, k, v, mask, self)
+
             out = attend(p.q, p.k, p.v, p.mask, call, active, native, self.installation.backend)
         else:
             out = self.native(p.q, p.k, p.v, p.mask, self)

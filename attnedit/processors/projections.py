@@ -55,6 +55,29 @@ def dispatched(q, k, v, mask, processor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+# diffusers attention backends that apply any (B, 1, 1, S_k) bool key mask. The flash and sage kernels take no mask
+# (diffusers' "_native_flash" raises; the varlen ones read a mask as sequence lengths, i.e. padding at the end only),
+# and its "xformers" backend adds a 4-D bool mask to the scores as numbers (True = 1.0), so it would mask nothing.
+MASKING_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "flex"})
+
+
+def dispatched_masked(q, k, v, mask, processor) -> torch.Tensor:
+    """``dispatched`` for a key mask an edit added: the user's backend when it applies masks, else diffusers' native
+    SDPA (a fallback for the masked calls only; calls whose mask is the stock one keep the user's kernel)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    backend = processor._attention_backend
+    if backend is None:  # the dispatcher's active backend (set_attention_backend / attention_backend() set it)
+        backend = _AttentionBackendRegistry._active_backend
+    if mask is None or getattr(backend, "value", backend) in MASKING_BACKENDS:
+        return dispatched(q, k, v, mask, processor)
+    out = dispatch_attention_fn(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=0.0, is_causal=False,
+        backend=AttentionBackendName.NATIVE, parallel_config=processor._parallel_config,
+    )
+    return out.transpose(1, 2)
+
+
 def xformers_attention(q, k, v, mask, processor) -> torch.Tensor:
     """xFormers memory-efficient attention (CUDA), kept where the user enabled xformers on the model."""
     import xformers.ops
@@ -289,12 +312,13 @@ class FamilyIO:
     project: Callable[..., Projected]
     finish: Callable[..., Any]
     native: Callable[..., torch.Tensor]  # the stock attention call, (B, H, S, D) in and out
+    masked: Callable[..., torch.Tensor]  # the same, for a call whose key mask an edit changed
 
 
 IO: dict[str, FamilyIO] = {
-    "unet": FamilyIO(project_unet, finish_unet, sdpa),
-    "sd3": FamilyIO(project_sd3, finish_sd3, sdpa),
-    "flux": FamilyIO(project_flux, finish_flux, dispatched),
-    "wan": FamilyIO(project_wan, finish_wan, dispatched),
-    "hunyuan_video": FamilyIO(project_hunyuan_video, finish_hunyuan_video, dispatched),
+    "unet": FamilyIO(project_unet, finish_unet, sdpa, sdpa),
+    "sd3": FamilyIO(project_sd3, finish_sd3, sdpa, sdpa),
+    "flux": FamilyIO(project_flux, finish_flux, dispatched, dispatched_masked),
+    "wan": FamilyIO(project_wan, finish_wan, dispatched, dispatched_masked),
+    "hunyuan_video": FamilyIO(project_hunyuan_video, finish_hunyuan_video, dispatched, dispatched_masked),
 }
