@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   attnedit generate --layout layout.json --heads L1H0,L1H1 --out grounded.png
   attnedit edit remove photo.png --mask mask.png --out clean.png
   attnedit video "a ball rolling" --frames 9 --out ball.mp4 --save-frames
+  torchrun --nproc_per_node 2 -m attnedit.cli video "a ball rolling" --ulysses 2 --out ball.mp4   # 2 GPUs, 1 video
   attnedit heads --model tiny:sd3 --prompt "a cat" --layers 0-1 --workdir runs/hh
   attnedit batch jobs.jsonl --out results/  # resumable; under `accelerate launch` jobs are sharded
   attnedit sites                          # attention sites of the default offline tiny model
@@ -42,8 +43,13 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_model: str | None = None) -> int:
-    """Run one batch task from the command line and save its outputs with their parameters."""
+def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_model: str | None = None,
+              ulysses: int | None = None) -> int:
+    """Run one batch task from the command line and save its outputs with their parameters.
+
+    ``ulysses=N``: one output computed by the N processes of a ``torchrun`` launch (context parallelism); the
+    first process saves it.
+    """
     from pathlib import Path
 
     from .batch import TASKS
@@ -53,8 +59,22 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     params = {k: v for k, v in params.items() if v is not None}
     model = args.model or default_model or DEFAULT_MODEL
     params = {**tiny_defaults(model, task_name), **params}
-    pipe = load_pipeline(model, args.device, args.dtype)
+    device, rank = args.device, 0
+    if ulysses:
+        import torch.distributed as dist
+
+        from .parallel import init_distributed
+
+        device, rank = init_distributed(device), dist.get_rank()
+    pipe = load_pipeline(model, device, args.dtype)
+    if ulysses:
+        from .parallel import enable_ulysses
+
+        enable_ulysses(pipe, ulysses)
+        pipe.set_progress_bar_config(disable=rank != 0)
     images = TASKS[task_name](pipe, params)
+    if rank != 0:
+        return 0
     out = Path(args.out)
     record = {**params, "task": task_name, "model": model or "default"}
     if task_name == "video":
@@ -116,7 +136,7 @@ def _video(args: argparse.Namespace) -> int:
         "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance,
         "width": args.width, "height": args.height, "frames": args.frames, "radial": not args.dense,
         "dense_steps": args.dense_steps, "dense_layers": args.dense_layers, "decay": args.decay,
-    }, default_model=DEFAULT_VIDEO_MODEL)
+    }, default_model=DEFAULT_VIDEO_MODEL, ulysses=args.ulysses)
 
 
 def _heads(args: argparse.Namespace) -> int:
@@ -186,7 +206,7 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
-    parser.add_argument("--model", help=f"hub id, local folder, shapes-t2i, shapes-t2v or tiny:<family> "
+    parser.add_argument("--model", help=f"hub id, local folder, shapes-t2i, shapes-dit, shapes-t2v or tiny:<family> "
                                         f"(default: {default}, trained and built in)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: fastest available)")
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: by device)")
@@ -244,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--decay", type=float, help="radial decay factor gamma")
     video.add_argument("--save-frames", action="store_true", help="also write PNG frames into a folder beside the MP4")
     video.add_argument("--fps", type=int, default=16)
+    video.add_argument("--ulysses", type=int, metavar="N",
+                       help="one video on N GPUs (Ulysses context parallelism); launch with torchrun --nproc_per_node N")
     _model_options(video, default=DEFAULT_VIDEO_MODEL)
     video.set_defaults(run=_video)
     heads = sub.add_parser("heads", help="HeadHunter search for heads to perturb (options: attnedit heads --help)",

@@ -295,7 +295,11 @@ class HeadBlend(Edit):
             raise ValueError(f"HeadBlend needs self/joint attention (queries == keys) at {call.site.name}")
         weight = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
         heads = None if self.heads is None else self.heads.get(call.site.layer)
-        weight[list(heads) if heads is not None else slice(None)] = self.strength
+        if heads is not None:  # global head indices -> this call's heads (a slice of them under Ulysses)
+            heads = [h - call.head_offset for h in heads if 0 <= h - call.head_offset < out.shape[1]]
+            if not heads:
+                return out
+        weight[heads if heads is not None else slice(None)] = self.strength
         weight = weight.view(1, -1, 1, 1)
         target = value if self.target == "identity" else value.mean(dim=-2, keepdim=True).expand_as(value)
         blended = out + weight * (target - out)  # (1 - u) out + u target, one fused op

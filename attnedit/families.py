@@ -65,6 +65,9 @@ class AttentionCall:
     text_keys: slice | None
     device: torch.device
     dtype: torch.dtype
+    # global index of the call's first head: under Ulysses context parallelism a rank holds heads
+    # [head_offset, head_offset + H_local) of the module (attnedit.processors.ulysses); 0 otherwise
+    head_offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,9 @@ class Installation:
             return
         while self._originals:
             module, original = self._originals.pop()
+            config = getattr(module.processor, "_parallel_config", None)
+            if config is not None and hasattr(original, "_parallel_config"):
+                original._parallel_config = config  # enable_parallelism() ran while ours were on: the stock one needs it
             module.set_processor(original)
         while self._hooks:
             self._hooks.pop().remove()

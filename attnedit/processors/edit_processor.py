@@ -9,6 +9,7 @@ import torch
 from ..attention import attend
 from ..families import AttentionCall, Site, unet_grid
 from .projections import IO, Projected, xformers_attention
+from .ulysses import Unsharded, global_call, ulysses_attention, ulysses_config
 
 if TYPE_CHECKING:
     from ..install import Installation
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
 class EditProcessor:
     """Replaces a diffusers attention processor on one module (a :class:`Site`) while an installation lives.
 
-    With no edit covering the call it runs exactly the stock processor's operations.
+    With no edit covering the call it runs exactly the stock processor's operations. Under diffusers' Ulysses
+    context parallelism (``_parallel_config``, set by ``enable_parallelism``) an edited self/joint call runs its
+    edits inside diffusers' all-to-all, on the whole sequence (see :mod:`attnedit.processors.ulysses`).
     """
 
     _attention_backend = None  # copied from the processor it replaces (diffusers' dispatcher backends)
@@ -54,17 +57,30 @@ class EditProcessor:
             text_tokens = self.installation.state.info.text_tokens
         p = self.io.project(attn, hidden_states, encoder_hidden_states, attention_mask, rotary, temb, text_tokens)
         edits = self.installation.edits_at(self.site)
+        sharded = ulysses_config(self)  # context parallelism splits this call's tokens across ranks
+        # cross-attention under context parallelism: local queries, whole text keys, no all-to-all (as stock Wan)
+        kernel_owner = self if sharded is not None or self._parallel_config is None else Unsharded(self)
         if edits or self.installation.backend == "reference":
             call = self._call(p)
+            if sharded is not None:
+                call = global_call(call, sharded)
             active = [e for e in edits if e.covers(call)]
+            if sharded is not None and (active or self.installation.backend == "reference"):
+                out = ulysses_attention(self, p, call, active)  # the edits run on the whole sequence, local heads
+                return self.io.finish(attn, out, p, self)
+            if kernel_owner is not self and any(e.records for e in active):
+                raise ValueError(
+                    f"{self.site.name}: under context parallelism a rank holds only its shard of this call's queries; "
+                    "record self/joint attention instead (kinds={'self'} or {'joint'})"
+                )
             stock_mask = p.mask
 
             def native(q, k, v, mask):
-                return (self.native if mask is stock_mask else self.masked)(q, k, v, mask, self)
+                return (self.native if mask is stock_mask else self.masked)(q, k, v, mask, kernel_owner)
 
             out = attend(p.q, p.k, p.v, p.mask, call, active, native, self.installation.backend)
         else:
-            out = self.native(p.q, p.k, p.v, p.mask, self)
+            out = self.native(p.q, p.k, p.v, p.mask, kernel_owner)
         return self.io.finish(attn, out, p, self)
 
     def _call(self, p: Projected) -> AttentionCall:
