@@ -219,7 +219,10 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
     steps = int(params.get("steps", 30))
     if steps < 1:
         raise ValueError(f"generate: steps={params['steps']} must be >= 1")
+    from .builtin import call_options
+
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height") if k in params}
+    kwargs.update(call_options(pipe))  # a built-in model's text length (shapes-dit's T5 was trained on 24 tokens)
     generator = torch.Generator("cpu").manual_seed(int(params.get("seed", 0)))
     guidance = contextlib.nullcontext()
     if params.get("heads"):

@@ -4,6 +4,9 @@
   on the procedural shapes world (:mod:`attnedit.world`) at 64x64 pixels, 16x16x4 latents.
 * ``shapes-t2v``: a Wan pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5 encoder) trained on moving shapes,
   32x32 pixels, 9 frames.
+* ``shapes-dit``: an SD3 pipeline (SD3Transformer2DModel: MM-DiT joint attention, flow matching) at 64x64 pixels
+  on ``shapes-t2i``'s VAE, with two CLIP text encoders whose token features are their embeddings: a model whose
+  attention, not convolutions, carries the content.
 
 Both are ordinary diffusers folders inside the package (``attnedit/models/<name>``, fp16 safetensors) and load
 with ``DiffusionPipeline.from_pretrained``. :mod:`attnedit.training` builds them from the untrained architectures
@@ -21,27 +24,43 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     WanPipeline,
     WanTransformer3DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 from . import world, zoo
 
 MODELS_DIR = pathlib.Path(__file__).parent / "models"
-BUILTIN_MODELS: dict[str, str] = {"shapes-t2i": "text-to-image", "shapes-t2v": "text-to-video"}
+BUILTIN_MODELS: dict[str, str] = {"shapes-t2i": "text-to-image", "shapes-t2v": "text-to-video",
+                                  "shapes-dit": "text-to-image"}
 TEXT_LENGTH = 24  # longest world caption is 17 words; BOS/EOS included
 CALL_DEFAULTS: dict[str, dict] = {
     "shapes-t2i": {"height": 64, "width": 64, "num_inference_steps": 20, "guidance_scale": 4.0},
     "shapes-t2v": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 20, "guidance_scale": 4.0,
                    "max_sequence_length": TEXT_LENGTH},
+    # its T5 was trained on 24 tokens: the pipeline's default of 256 would add 232 padding keys it never saw
+    "shapes-dit": {"height": 64, "width": 64, "num_inference_steps": 20, "guidance_scale": 4.0,
+                   "max_sequence_length": TEXT_LENGTH},
 }
 
 # DesignEdit on shapes-t2i: its small conv-heavy UNet rebuilds an object from the inverted noise inside the hole
 # even when the object's keys are hidden, so the hole starts from fresh noise (benchmarks/effect_removal.py).
-EDIT_DEFAULTS: dict[str, dict] = {"shapes-t2i": {"hole_noise": 1.0, "guidance_scale": 1.0}}
+# shapes-dit: its attention carries the content, so hidden keys alone remove the object (the paper's setting, CFG 1).
+EDIT_DEFAULTS: dict[str, dict] = {"shapes-t2i": {"hole_noise": 1.0, "guidance_scale": 1.0},
+                                  "shapes-dit": {"hole_noise": 0.0, "guidance_scale": 1.0}}
 
 
 def model_path(name: str) -> pathlib.Path:
@@ -117,6 +136,46 @@ def t2i_components() -> dict[str, torch.nn.Module]:
 def t2i_pipeline(components: dict) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def dit_components(vae: AutoencoderKL | None = None) -> dict[str, torch.nn.Module]:
+    """Untrained parts of ``shapes-dit``: an MM-DiT over 8x8 tokens (patch 2 on 16x16x4 latents), 6 joint blocks.
+
+    The VAE is ``shapes-t2i``'s (trained from its own seed), with SD3's ``shift_factor`` 0. The two CLIP encoders
+    have one layer each: SD3 reads the penultimate hidden state, i.e. the token + position embeddings, so each word
+    stays at its token (as in ``shapes-t2i``); the layer only shapes the pooled embedding. The "T5" has no layers
+    either (embeddings + final norm, word-level tokenizer) and is called with ``max_sequence_length=24``, so the
+    joint text keys are 24 CLIP then 24 T5 tokens.
+    """
+    tokenizer = zoo.clip_tokenizer(world.WORDS, max_length=TEXT_LENGTH)
+    vocab = tokenizer.get_vocab()
+
+    def clip() -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=TEXT_LENGTH, projection_dim=32, hidden_act="gelu",
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        ))
+
+    if vae is None:
+        vae = AutoencoderKL.from_pretrained(model_path("shapes-t2i") / "vae", torch_dtype=torch.float32)
+    vae.register_to_config(shift_factor=0.0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=24,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=96, pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    tokenizer_3 = zoo.word_tokenizer("t5", world.WORDS)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3.get_vocab()), d_model=64, d_kv=16, d_ff=64, num_layers=0,
+                                 num_heads=4, dropout_rate=0.0, is_encoder_decoder=False))
+    return {"tokenizer": tokenizer, "text_encoder": clip(), "tokenizer_2": tokenizer, "text_encoder_2": clip(),
+            "tokenizer_3": tokenizer_3, "text_encoder_3": t5, "vae": vae, "transformer": transformer,
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=2.0)}
+
+
+def dit_pipeline(components: dict) -> StableDiffusion3Pipeline:
+    return StableDiffusion3Pipeline(**components)
 
 
 def t2v_components() -> dict[str, torch.nn.Module]:

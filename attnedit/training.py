@@ -3,7 +3,8 @@
 ``python -m attnedit.training t2i`` trains ``shapes-t2i`` (AutoencoderKL first, then the UNet and the CLIP text
 encoder jointly with an epsilon objective, min-SNR weighting and EMA); ``python -m attnedit.training t2v`` trains
 ``shapes-t2v`` (AutoencoderKLWan, then the Wan transformer and the UMT5 encoder with the flow-matching objective
-Wan uses). Data comes from :mod:`attnedit.world`, rendered on the fly from the same seed, so a run is reproducible
+Wan uses); ``python -m attnedit.training dit`` trains ``shapes-dit`` (the SD3 transformer and two embedding-only
+CLIP encoders, flow matching, on ``shapes-t2i``'s VAE). Data comes from :mod:`attnedit.world`, rendered on the fly from the same seed, so a run is reproducible
 (up to float summation order across thread counts). Checkpoints are written atomically every ``save_every``
 steps, so an interrupted run still leaves a usable model.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import pathlib
@@ -84,6 +86,11 @@ def _save(pipe, out_dir: pathlib.Path) -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     half = copy.deepcopy(pipe).to(torch.float16)
     half.save_pretrained(tmp, safe_serialization=True)
+    index_file = tmp / "model_index.json"  # components left out (SD3 without T5) must be listed as null to load
+    index = json.loads(index_file.read_text())
+    for name, component in pipe.components.items():
+        index.setdefault(name, [None, None]) if component is None else None
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         os.rename(out_dir, old)
@@ -176,6 +183,60 @@ def train_t2i(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1200, unet_
             log(f"saved {out_dir} at step {step + 1}")
 
 
+# ------------------------------------------------------------------------------------ text-to-image, MM-DiT
+def sd3_text(encoders: list, tokenizers: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states (B, 24 + 24, 64), pooled (B, 64)) as StableDiffusion3Pipeline builds them: both CLIPs'
+    penultimate states side by side (padded to the T5 width), then the T5 states; pooled = both CLIP projections."""
+    def ids(tokenizer) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=builtin.TEXT_LENGTH, truncation=True,
+                         return_tensors="pt").input_ids
+
+    outs = [encoder(ids(tokenizers[0]), output_hidden_states=True) for encoder in encoders[:2]]
+    clip, t5 = torch.cat([o.hidden_states[-2] for o in outs], -1), encoders[2](ids(tokenizers[1]))[0]
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat([o[0] for o in outs], -1)
+
+
+def train_dit(out_dir: pathlib.Path, seed: int = 0, dit_steps: int = 6000, batch: int = 16, dataset: int = 20000,
+              lr: float = 1e-3, save_every: int = 500, log: LogFn = print) -> None:
+    """Train ``shapes-dit`` into ``out_dir`` on ``shapes-t2i``'s VAE (flow matching, logit-normal sigmas, EMA)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    parts = builtin.dit_components()
+    vae, transformer, tokenizers = parts["vae"], parts["transformer"], [parts["tokenizer"], parts["tokenizer_3"]]
+    encoders = [parts["text_encoder"], parts["text_encoder_2"], parts["text_encoder_3"]]
+    t0 = time.time()
+    scenes = [world.sample_scene(rng) for _ in range(dataset)]
+    images = _to_unit(np.stack([s.render(64) for s in scenes]))
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, dataset, 256)])
+    latents = latents * vae.config.scaling_factor
+    log(f"rendered and encoded {dataset} scenes, latents {tuple(latents.shape)} ({time.time() - t0:.0f}s)")
+    params = [*transformer.parameters(), *(p for e in encoders for p in e.parameters())]
+    opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
+    ema = _EMA([transformer, *encoders], 0.999)
+    shift = parts["scheduler"].config.shift
+    for module in (transformer, *encoders):
+        module.train()
+    for step in range(dit_steps):
+        idx = torch.randint(0, dataset, (batch,))
+        text, pooled = sd3_text(encoders, tokenizers, _captions([scenes[i] for i in idx], rng))
+        x0, noise = latents[idx], torch.randn(batch, *latents.shape[1:])
+        u = torch.sigmoid(torch.randn(batch))  # logit-normal, then the sampler's shift
+        sigma = shift * u / (1 + (shift - 1) * u)
+        s = sigma.view(-1, 1, 1, 1)
+        pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=text,
+                           pooled_projections=pooled).sample
+        loss = F.mse_loss(pred, noise - x0)
+        _step(opt, ema, params, loss, lr * _schedule(step, dit_steps), step)
+        if step % 100 == 0:
+            log(f"dit step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % save_every == 0 or step == dit_steps - 1:
+            shadow = dict(zip(("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"), ema.shadow))
+            _save(builtin.dit_pipeline({**parts, **shadow}), out_dir)
+            log(f"saved {out_dir} at step {step + 1}")
+
+
 # --------------------------------------------------------------------------------------------- text-to-video
 def _wan_text(text_encoder, tokenizer, captions: list[str], length: int) -> torch.Tensor:
     """UMT5 states as WanPipeline feeds them: tokens past each caption's end are zeroed."""
@@ -242,7 +303,7 @@ def train_t2v(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1000, dit_s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=["t2i", "t2v"])
+    parser.add_argument("model", choices=["t2i", "t2v", "dit"])
     parser.add_argument("--out", type=pathlib.Path, help="output folder (default: the package's models folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="denoiser training steps")
@@ -257,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in {"vae_steps": args.vae_steps, steps: args.steps}.items() if v}
     if args.model == "t2i":
         train_t2i(out, args.seed, **overrides)
+    elif args.model == "dit":
+        overrides.pop("vae_steps", None)  # shapes-dit reuses shapes-t2i's VAE
+        train_dit(out, args.seed, **overrides)
     else:
         train_t2v(out, args.seed, **overrides)
 

@@ -240,7 +240,7 @@ def build_app(pipe, model_name: str):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnedit app", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, shapes-t2i (default, built in) or tiny:<family>")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, shapes-t2i (default, built in), shapes-dit (built-in MM-DiT) or tiny:<family>")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)

@@ -150,16 +150,18 @@ def random_heads(pipe: Any, count: int, avoid: Sequence[Sequence[int]], seed: in
 
 # -------------------------------------------------------------------------------------------- evaluation
 def settings(pipe: Any, chosen: list[list[int]], scales: Sequence[float]) -> dict[str, tuple[Any, float]]:
-    """Setting name -> (heads or None, PAG scale). Controls at the top scale: random heads, whole layers."""
+    """Setting name -> (heads or None, PAG scale). Controls at the top scale: random heads, whole layers (the
+    UNet's mid block, as diffusers' PAG default; on the DiT the middle joint block), the first chosen head's layer."""
     top = max(scales)
     out: dict[str, tuple[Any, float]] = {"cfg": (None, 0.0)}
     for scale in scales:
         out[f"cfg+softpag_headhunter_s{scale:g}"] = ([tuple(h) for h in chosen], scale)
     control = random_heads(pipe, len(chosen), chosen)
     out[f"cfg+softpag_random{len(chosen)}_s{top:g}"] = ([tuple(h) for h in control], top)
-    out[f"cfg+pag_mid_all_heads_s{top:g}"] = (f"L{MID_LAYER}", top)
+    mid = MID_LAYER if getattr(pipe, "unet", None) is not None else pipe.transformer.config.num_layers // 2
+    out[f"cfg+pag_mid_all_heads_s{top:g}"] = (f"L{mid}", top)
     first = chosen[0][0]  # layer-level PAG where the search's first head lies: head vs layer granularity
-    if first != MID_LAYER:
+    if first != mid:
         out[f"cfg+pag_layer{first}_all_heads_s{top:g}"] = (f"L{first}", top)
     return out
 
@@ -243,15 +245,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-seeds", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="HeadHunter rounds")
     parser.add_argument("--top-k", type=int, default=3, help="heads added per round")
-    parser.add_argument("--layers", default="0-1,3-6", help="candidate self-attention layers ('0-6': all)")
+    parser.add_argument("--model", default="shapes-t2i", choices=["shapes-t2i", "shapes-dit"])
+    parser.add_argument("--layers", help="candidate layers (shapes-t2i: '0-1,3-6', its 7 attn1 layers but the mid "
+                                         "block; shapes-dit: '0-5', every joint block)")
     parser.add_argument("--search-scale", type=float, default=2.0, help="PAG scale during the search")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0], help="PAG scales evaluated")
     parser.add_argument("--cfg", type=float, default=CALL_DEFAULTS["shapes-t2i"]["guidance_scale"])
     parser.add_argument("--steps", type=int, default=CALL_DEFAULTS["shapes-t2i"]["num_inference_steps"])
     parser.add_argument("--batch", type=int, default=16, help="images per pipeline call in the evaluation")
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / f"{NAME}.json")
+    parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args(argv)
+    args.layers = args.layers or ("0-1,3-6" if args.model == "shapes-t2i" else "0-5")
+    args.out = args.out or RESULTS / (f"{NAME}.json" if args.model == "shapes-t2i" else f"{NAME}_dit.json")
     if args.quick:
         args.prompts, args.seeds, args.search_prompts, args.search_seeds = 4, 1, 2, 1
         args.rounds, args.top_k, args.layers, args.steps = 1, 2, "0", min(args.steps, 6)
@@ -270,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     began = time.perf_counter()
-    pipe = load_builtin("shapes-t2i")
-    call = {**CALL_DEFAULTS["shapes-t2i"], "guidance_scale": args.cfg, "num_inference_steps": args.steps}
+    pipe = load_builtin(args.model)
+    call = {**CALL_DEFAULTS[args.model], "guidance_scale": args.cfg, "num_inference_steps": args.steps}
     found = search(pipe, args, call)
     print(f"HeadHunter: {found['spec']} in {found['seconds']:.0f}s ({found['generations']} images)", flush=True)
     plan = settings(pipe, found["heads"], args.scales)

@@ -6,13 +6,15 @@ world's colour detector then measures, inside the mask, how much of the object's
 source (*gone* when under 20%), whether the other object survives (same colour and shape found outside the
 mask), and the PSNR outside the mask against the source. Settings share every other parameter:
 
-* ``paper``: DesignEdit as published: DDIM-inverted x_T, the object's keys hidden in self-attention for the
-  first 80% of the steps, latent blending, paste-back;
-* ``hole_noise``: the same, but the hole starts from fresh noise (``hole_noise=1``, shipped for shapes-t2i);
-* ``hole_noise_no_key_masking``: the ablation, key masking off (``mask_until=0``);
+* ``paper``: DesignEdit's mechanism: the inverted x_T (DDIM on shapes-t2i, Euler on shapes-dit), the object's
+  keys hidden (self-attention / joint image keys) for steps 1..80%, latent blending, paste-back, CFG 1;
+* ``paper_cfg7.5``: the same with the paper's CFG 7.5, which amplifies the masked (cond) vs unmasked (uncond)
+  difference: the prompt is empty on both branches, so without the mask guidance would change nothing;
+* ``hole_noise``: the hole starts from fresh noise (``hole_noise=1``, shipped for shapes-t2i);
+* ``*_no_key_masking``: each ablation with key masking off (``mask_until=0``);
 * ``hole_noise_no_paste_back``: the model's own pixels everywhere (what PSNR outside the mask says about it).
 
-The prompt is empty (as in the paper), so classifier-free guidance is a no-op and runs at scale 1.
+``--model shapes-dit`` runs the same on the MM-DiT built-in, whose attention carries the content.
 Run: ``flock /tmp/attnedit-bench.lock python benchmarks/effect_removal.py`` (a few minutes on 2 CPU cores).
 """
 
@@ -72,34 +74,48 @@ def run(pipe, data, config: DesignEditConfig, dilation: int) -> tuple[list[dict]
     return scores, time.perf_counter() - start
 
 
+def settings(args: argparse.Namespace, model: str) -> dict[str, DesignEditConfig]:
+    """Every setting shares the inversion, steps, mask and blending; they differ in guidance, noise and masking."""
+    paper = DesignEditConfig(num_steps=args.steps, guidance_scale=1.0, hole_noise=0.0)
+    amplified = dataclasses.replace(paper, guidance_scale=7.5)  # the paper's CFG pair: mask on the cond branch
+    fresh = dataclasses.replace(paper, hole_noise=1.0)
+    out = {"paper": paper, "paper_no_key_masking": dataclasses.replace(paper, mask_until=0.0),
+           "paper_cfg7.5": amplified, "paper_cfg7.5_no_key_masking": dataclasses.replace(amplified, mask_until=0.0),
+           "hole_noise": fresh, "hole_noise_no_key_masking": dataclasses.replace(fresh, mask_until=0.0),
+           "hole_noise_no_paste_back": dataclasses.replace(fresh, paste_back=False)}
+    if model in EDIT_DEFAULTS:
+        out["shipped"] = dataclasses.replace(paper, **EDIT_DEFAULTS[model])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shapes-t2i", choices=["shapes-t2i", "shapes-dit"])
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--dilation", type=int, default=7,
                         help="attend_scale: kernel px at the model's native 64 px (7 = the earlier 3 px radius)")
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--quick", action="store_true", help="6 images, for a smoke run")
-    parser.add_argument("--out", default="effect_removal")
+    parser.add_argument("--out", help="results name (default effect_removal, effect_removal_dit for shapes-dit)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    pipe = load_builtin("shapes-t2i")
+    pipe = load_builtin(args.model)
     data = cases(6 if args.quick else args.images, args.seed)
-    paper = DesignEditConfig(num_steps=args.steps, guidance_scale=1.0)
-    shipped = dataclasses.replace(paper, **EDIT_DEFAULTS["shapes-t2i"])
-    settings = {"paper": paper, "hole_noise": shipped,
-                "hole_noise_no_key_masking": dataclasses.replace(shipped, mask_until=0.0),
-                "hole_noise_no_paste_back": dataclasses.replace(shipped, paste_back=False)}
-    results = {"model": "shapes-t2i", "images": len(data), "steps": args.steps, "dilation_kernel_px": args.dilation,
+    plan = settings(args, args.model)
+    paper = plan["paper"]
+    results = {"model": args.model, "images": len(data), "steps": args.steps, "dilation_kernel_px": args.dilation,
                "mask_steps": [paper.start(paper.mask_from), paper.step(paper.mask_until)],
                "gone_criterion": f"object colour pixels left inside the mask < {GONE_BELOW} of the source's"}
-    for name, config in settings.items():
+    for name, config in plan.items():
         scores, seconds = run(pipe, data, config, args.dilation)
         results[name] = summarize(scores, seconds)
-        print(name, results[name])
+        print(name, results[name], flush=True)
     results["note"] = ("PSNR is over pixels outside the dilated mask; with paste-back those are mostly source "
-                       "pixels (feathered seam), without it they are the model's reconstruction.")
-    print(write_results(args.out, results))
+                       "pixels (feathered seam), without it they are the model's reconstruction. The prompt is "
+                       "empty on both CFG branches, so guidance only amplifies the key mask (cond branch).")
+    default = "effect_removal" if args.model == "shapes-t2i" else "effect_removal_dit"
+    print(write_results(args.out or default, results))
 
 
 if __name__ == "__main__":

@@ -184,9 +184,13 @@ class FlowModel(EditModel):
     kinds = frozenset({"joint", "self"})  # joint image keys; SD3.5's image self-attention (attn2) too
 
     def __init__(self, pipe: Any, num_steps: int, prompt: str = "", embedded_guidance: float = 1.0) -> None:
+        from ..builtin import call_options
+
         super().__init__(pipe, num_steps, prompt)
         self.embedded_guidance = embedded_guidance
         self.flux = self.family == "flux"
+        # T5 tokens: the pipelines' defaults, or what a built-in model was trained with (shapes-dit: 24)
+        self.text_length = call_options(pipe).get("max_sequence_length", 512 if self.flux else 256)
 
     @property
     def multiple(self) -> int:
@@ -211,13 +215,15 @@ class FlowModel(EditModel):
             mu = calculate_shift(h * w // 4, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                                  c.get("base_shift", 0.5), c.get("max_shift", 1.15))
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / self.num_steps, self.num_steps), mu=mu, device="cpu")
-            emb, pooled, text_ids = self.pipe.encode_prompt(prompt=self.prompt, prompt_2=None, device=self.device)
+            emb, pooled, text_ids = self.pipe.encode_prompt(prompt=self.prompt, prompt_2=None, device=self.device,
+                                                            max_sequence_length=self.text_length)
             ids = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, emb.dtype)
             cond = (emb, pooled, text_ids, ids)
         else:
             scheduler.set_timesteps(self.num_steps, device="cpu")
             emb, _, pooled, _ = self.pipe.encode_prompt(prompt=self.prompt, prompt_2=None, prompt_3=None,
-                                                        device=self.device, do_classifier_free_guidance=False)
+                                                        device=self.device, do_classifier_free_guidance=False,
+                                                        max_sequence_length=self.text_length)
             cond = (emb, pooled)
         return Run(cond, scheduler.timesteps.float(), scheduler.sigmas.float())
 
