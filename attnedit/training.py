@@ -98,6 +98,15 @@ def _save(pipe, out_dir: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _flow_noising(x0: torch.Tensor, noise: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps) of rectified flow: x_s = (1 - s) x0 + s noise, s logit-normal then shifted as the
+    sampler shifts its sigmas; the velocity target is noise - x0."""
+    u = torch.sigmoid(torch.randn(x0.shape[0]))
+    sigma = shift * u / (1 + (shift - 1) * u)
+    s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    return (1 - s) * x0 + s * noise, sigma * 1000
+
+
 def _kl(dist) -> torch.Tensor:
     return 0.5 * (dist.mean.pow(2) + dist.var - 1 - dist.logvar).mean()
 
@@ -222,10 +231,8 @@ def train_dit(out_dir: pathlib.Path, seed: int = 0, dit_steps: int = 6000, batch
         idx = torch.randint(0, dataset, (batch,))
         text, pooled = sd3_text(encoders, tokenizers, _captions([scenes[i] for i in idx], rng))
         x0, noise = latents[idx], torch.randn(batch, *latents.shape[1:])
-        u = torch.sigmoid(torch.randn(batch))  # logit-normal, then the sampler's shift
-        sigma = shift * u / (1 + (shift - 1) * u)
-        s = sigma.view(-1, 1, 1, 1)
-        pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000, encoder_hidden_states=text,
+        noisy, timestep = _flow_noising(x0, noise, shift)
+        pred = transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=text,
                            pooled_projections=pooled).sample
         loss = F.mse_loss(pred, noise - x0)
         _step(opt, ema, params, loss, lr * _schedule(step, dit_steps), step)
@@ -286,11 +293,8 @@ def train_t2v(out_dir: pathlib.Path, seed: int = 0, vae_steps: int = 1000, dit_s
         idx = torch.randint(0, dataset, (batch,))
         text = _wan_text(text_encoder, tokenizer, _captions([scenes[i] for i in idx], rng), builtin.TEXT_LENGTH)
         x0, noise = latents[idx], torch.randn(batch, *latents.shape[1:])
-        u = torch.sigmoid(torch.randn(batch))  # logit-normal, then the sampler's shift
-        sigma = shift * u / (1 + (shift - 1) * u)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000,
-                           encoder_hidden_states=text).sample
+        noisy, timestep = _flow_noising(x0, noise, shift)
+        pred = transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=text).sample
         loss = F.mse_loss(pred, noise - x0)
         _step(opt, ema, params, loss, lr * _schedule(step, dit_steps), step)
         if step % 100 == 0:
