@@ -7,7 +7,7 @@ of each of the first denoising steps the noisy latent descends ``loss_scale * s_
 * Layout: a prompt and (phrase, boxes) pairs, boxes normalized xyxy. Phrase tokens are found with the pipeline's
   own tokenizer (sub-word aware). Joint text keys of SD3 are ``[77 CLIP tokens, T5 tokens]`` (diffusers pads the
   CLIP-L/CLIP-G features to T5 width and concatenates the sequences), so a phrase owns its CLIP positions and
-  ``77 +`` its T5 positions.
+  ``77 +`` its T5 positions. FLUX's text keys are its T5 tokens only (``tokenizer_2``; CLIP gives the pooled vector).
 * CAR (cross maps, heads and layers averaged, Attend-and-Excite normalization: softmax of ``100 A`` over the
   prompt's content tokens, 3x3 Gaussian smoothing, sigma 0.5; a phrase's map is the mean of its tokens' maps):
   per object, ``sum_b (1 - max_{p in b} M) + max_{others' boxes} M + |B| max_{background} M / 2``; mean over objects.
@@ -18,6 +18,7 @@ of each of the first denoising steps the noisy latent descends ``loss_scale * s_
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -142,11 +143,17 @@ class TokenLayout:
 
 
 def token_layout(pipe: Any, layout: Layout, max_sequence_length: int = 256) -> TokenLayout:
-    """Phrase positions among the denoiser's text keys (SD/SDXL: CLIP tokenizer 1; SD3: CLIP then 77 + T5)."""
-    groups = [(pipe.tokenizer, 0, None)]
-    if getattr(pipe, "transformer", None) is not None and getattr(pipe, "tokenizer_3", None) is not None \
-            and getattr(pipe, "text_encoder_3", None) is not None:
-        groups.append((pipe.tokenizer_3, CLIP_TOKENS, max_sequence_length))
+    """Phrase positions among the denoiser's text keys (SD/SDXL: CLIP tokenizer 1; SD3: CLIP then 77 (the CLIP length) + T5;
+    FLUX: T5, ``tokenizer_2``)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and _is_flux(transformer):
+        groups = [(pipe.tokenizer_2, 0, max_sequence_length)]
+    else:
+        groups = [(pipe.tokenizer, 0, None)]
+        if transformer is not None and getattr(pipe, "tokenizer_3", None) is not None \
+                and getattr(pipe, "text_encoder_3", None) is not None:
+            # T5 keys follow the CLIP tokens: 77 for real SD3, the CLIP tokenizer's length in general (shapes-dit: 24)
+            groups.append((pipe.tokenizer_3, getattr(pipe, "tokenizer_max_length", CLIP_TOKENS), max_sequence_length))
     content: list[int] = []
     phrases: list[list[int]] = [[] for _ in layout.regions]
     for tokenizer, offset, limit in groups:
@@ -155,6 +162,13 @@ def token_layout(pipe: Any, layout: Layout, max_sequence_length: int = 256) -> T
             phrases[i] += [offset + p for p in phrase_positions(tokenizer, layout.prompt, region.phrase, limit)]
     index = {p: i for i, p in enumerate(content)}
     return TokenLayout(tuple(content), tuple(tuple(index[p] for p in ph) for ph in phrases))
+
+
+def _is_flux(model: Any) -> bool:
+    from .families import FAMILIES
+
+    model = getattr(model, "_orig_mod", model)
+    return any(cls.__name__ == FAMILIES["flux"].model_class for cls in type(model).__mro__)
 
 
 # -------------------------------------------------------------------------------------------------- boxes
@@ -173,6 +187,12 @@ def box_mask(box: Box, grid: tuple[int, int]) -> torch.Tensor:
 def region_masks(layout: Layout, grid: tuple[int, int]) -> list[torch.Tensor]:
     """Per region: bool (n_boxes, h, w)."""
     return [torch.stack([box_mask(b, grid) for b in r.boxes]) for r in layout.regions]
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_masks(layout: Layout, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """region_masks on ``device``, built once per (layout, grid): the losses read them every iteration."""
+    return tuple(m.to(device) for m in region_masks(layout, grid))
 
 
 # ------------------------------------------------------------------------------------------------- losses
@@ -215,12 +235,16 @@ def car_loss(maps: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.Tenso
 
 
 def sar_loss(self_maps: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """Self-Attention Refocusing. self_maps (L, N, N) rows = queries; masks[o] bool (n_o, h, w), N = h * w."""
-    per_object = []
-    for boxes in masks:
-        flat = boxes.flatten(1).to(self_maps.device)  # (n_o, N)
-        leak = [self_maps[:, b][:, :, ~b].sum(-1).mean(-1) for b in flat]  # each (L,)
-        per_object.append(torch.stack(leak).mean())
+    """Self-Attention Refocusing. self_maps (L, N, N) rows = queries; masks[o] bool (n_o, h, w), N = h * w.
+
+    Per box b: the mean over its query cells of the mass on key cells outside b, ``b^T A (1 - b) / |b|``: two
+    products with the (N, boxes) indicator matrix, with no gathered copy of the map.
+    """
+    counts = [len(boxes) for boxes in masks]
+    inside = torch.cat([boxes.flatten(1) for boxes in masks]).to(self_maps.device, self_maps.dtype).T  # (N, n)
+    outside_mass = self_maps @ (1 - inside)  # (L, N, n): each query's mass outside each box
+    leak = (outside_mass * inside).sum(dim=1) / inside.sum(dim=0)  # (L, n): mean over the box's queries
+    per_object = [part.mean() for part in leak.split(counts, dim=1)]  # mean over layers and the object's boxes
     return torch.stack(per_object).mean()
 
 
@@ -264,6 +288,11 @@ def stack_maps(maps: list[RecordedMap]) -> tuple[torch.Tensor, tuple[int, int]]:
 class RefocusConfig:
     """Loss selection and the latent-update schedule. Defaults follow the authors' code (for 50 steps).
 
+    The gradient forward runs only up to the last recorded attention call (``prefix_only``): the rest of the
+    network cannot change the maps, so neither its forward nor its backward is paid for. ``single_stream`` also
+    records FLUX's single-stream blocks (the prefix then runs through them). ``gradient_checkpointing=None``
+    checkpoints FLUX's blocks (a 12B transformer) and no other model's; True or False forces it.
+
     Step i (0-based) of the first ``refocus_steps`` gets up to ``iterations(i)`` updates
     ``x <- x - loss_scale * step_size(i) * grad``: step size 4 for i < 5, 3 for i < 20, then 1; 5 iterations for
     i < 5, then 1. Iterations stop early once the loss is below ``loss_threshold`` or every box's CAR peak reaches
@@ -281,8 +310,10 @@ class RefocusConfig:
     peak_threshold: float = 0.2
     softmax_scale: float = 100.0
     smooth_sigma: float = 0.5
-    layers: frozenset[int] | None = None  # cross/self (UNet) or joint (SD3) layer indices; None: by resolution
-    gradient_checkpointing: bool = False
+    layers: frozenset[int] | None = None  # cross/self (UNet) or joint (SD3, FLUX) layer indices; None: by family
+    single_stream: bool = False  # FLUX: record the single-stream blocks too (default: double-stream blocks only)
+    prefix_only: bool = True  # stop the gradient forward after the last recorded attention call
+    gradient_checkpointing: bool | None = None  # None: on for FLUX (a 12B transformer), off otherwise
 
     def __post_init__(self) -> None:
         losses = (self.losses,) if isinstance(self.losses, str) else tuple(self.losses)
@@ -318,11 +349,11 @@ def refocus_loss(text: list[RecordedMap], image: list[RecordedMap], layout: Layo
     if "car" in config.losses:
         maps, grid = stack_maps(text)
         pm = phrase_maps(maps.mean(dim=0).float(), grid, tokens, config.softmax_scale, config.smooth_sigma)
-        car, peaks = car_loss(pm, [m.to(pm.device) for m in region_masks(layout, grid)])
+        car, peaks = car_loss(pm, list(_cached_masks(layout, grid, pm.device)))
         loss = loss + config.car_weight * car
     if "sar" in config.losses:
         maps, grid = stack_maps(image)
-        loss = loss + config.sar_weight * sar_loss(maps.float(), region_masks(layout, grid))
+        loss = loss + config.sar_weight * sar_loss(maps.float(), list(_cached_masks(layout, grid, maps.device)))
     return loss, peaks
 
 

@@ -25,7 +25,7 @@ import torch
 from harness import summarize, write_results
 
 from attnedit import world
-from attnedit.builtin import CALL_DEFAULTS, load_builtin
+from attnedit.builtin import CALL_DEFAULTS, call_options, load_builtin
 from attnedit.pipelines.refocusing import refocus
 from attnedit.refocusing import Layout, RefocusConfig
 
@@ -67,7 +67,7 @@ def run(pipe, cases, steps: int, config: RefocusConfig | None, guidance: float) 
     for index, (scene, layout) in enumerate(cases):
         generator = torch.Generator().manual_seed(index)
         kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np",
-                  "generator": generator, "height": 64, "width": 64}
+                  "generator": generator, "height": 64, "width": 64, **call_options(pipe)}
         if config is None:
             image = pipe(layout.prompt, **kwargs).images[0]
         else:
@@ -78,25 +78,26 @@ def run(pipe, cases, steps: int, config: RefocusConfig | None, guidance: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shapes-t2i", choices=["shapes-t2i", "shapes-dit"])
     parser.add_argument("--layouts", type=int, default=120)
     parser.add_argument("--steps", type=int, default=CALL_DEFAULTS["shapes-t2i"]["num_inference_steps"])
     parser.add_argument("--refocus-steps", type=int, default=10)
     parser.add_argument("--loss-scale", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=1234, help="layout sampling seed (disjoint from training)")
     parser.add_argument("--quick", action="store_true", help="8 layouts, for a smoke run")
-    parser.add_argument("--out", default="effect_refocusing")
+    parser.add_argument("--out", help="results name (default effect_refocusing, _dit for shapes-dit)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    pipe = load_builtin("shapes-t2i")
+    pipe = load_builtin(args.model)
     cases = layouts(8 if args.quick else args.layouts, args.seed)
-    guidance = CALL_DEFAULTS["shapes-t2i"]["guidance_scale"]
+    guidance = CALL_DEFAULTS[args.model]["guidance_scale"]
     config = RefocusConfig(refocus_steps=args.refocus_steps, loss_scale=args.loss_scale)
     plain_scores, plain_s = run(pipe, cases, args.steps, None, guidance)
     focus_scores, focus_s = run(pipe, cases, args.steps, config, guidance)
     plain, focused = summarize(plain_scores, plain_s), summarize(focus_scores, focus_s)
     paired = [(f["in_box"] > p["in_box"]) - (f["in_box"] < p["in_box"]) for p, f in zip(plain_scores, focus_scores)]
     results = {
-        "model": "shapes-t2i", "layouts": len(cases), "objects": 2 * len(cases), "steps": args.steps,
+        "model": args.model, "layouts": len(cases), "objects": 2 * len(cases), "steps": args.steps,
         "guidance_scale": guidance, "config": {"refocus_steps": args.refocus_steps, "loss_scale": args.loss_scale,
                                                "losses": list(config.losses)},
         "plain": plain, "refocused": focused,
@@ -105,7 +106,8 @@ def main() -> None:
         "time_ratio": round(focus_s / plain_s, 2),
         "criterion": "centre of the object's colour blob inside its box grown by 0.05 (world.in_box)",
     }
-    print(write_results(args.out, results))
+    print(write_results(args.out or ("effect_refocusing" if args.model == "shapes-t2i" else "effect_refocusing_dit"),
+                        results))
     print({k: results[k] for k in ("in_box_gain", "layouts_better_same_worse", "time_ratio")},
           "plain", plain["in_box"], "refocused", focused["in_box"])
 

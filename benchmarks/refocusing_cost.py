@@ -1,22 +1,34 @@
-"""Cost of attention refocusing: wall time and peak memory of a refocused generation vs the plain pipeline.
+"""Cost of attention refocusing: time and peak memory of a refocused generation vs the plain pipeline, same run.
 
-Each (size, variant) runs in its own subprocess (one torch thread) so that peak memory is that variant's own:
-peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end (the process high-water mark), reported
-as is and minus the resident set size measured after loading the pipeline (``extra``: what the generation itself
-added). On CUDA, ``torch.cuda.max_memory_allocated`` is reported instead. Wall time is the median of ``repeats``
-generations after one warm-up generation; the refocused run uses the paper's schedule (``RefocusConfig()``
-defaults: refocusing in the first 25 of 50 steps, 5 inner iterations in steps 0-4, CAR + SAR).
+Models: the tiny zoo pipelines (SD 1.5, SDXL, SD3, FLUX; random weights) at 256 px and the built-in ``shapes-t2i``
+at its 64 px, all at the paper's schedule (``RefocusConfig()`` defaults: 50 steps, the first 25 refocused, 5 inner
+iterations in steps 0-4 and 1 after, CAR + SAR, early stop at loss < 0.1 or every box peak >= 0.2).
 
-    flock /tmp/attnedit-bench.lock python benchmarks/refocusing_cost.py
+* Time: one subprocess per model (one torch thread) alternates plain and refocused generations in rounds after a
+  warm-up of each (:func:`harness.compare`, which spreads slow drifts of a shared machine over both sides) and
+  reports the medians and their ratio. ``--clock process`` (the default) counts the CPU time of that process,
+  which other load on the machine disturbs less than wall time; ``--clock wall`` is also available.
+* Memory: one subprocess per (model, variant) runs one warm-up and one generation; its peak is
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process high-water mark), also reported minus the resident
+  set size after loading the pipeline (``extra``: what the generation itself added). On CUDA
+  (``--device cuda``) ``torch.cuda.max_memory_allocated`` is reported instead.
+
+``--flops`` adds a FLOP count of plain vs refocused generation for the published SD 1.5 (512 px), SDXL (1024 px)
+and FLUX.1 (1024 px) architectures, built on the meta device (no weights, no compute): the refocusing forward and
+backward as the pipeline runs them (probe, prefix, recorded layers on the dense path), times the iterations of the
+paper's schedule without early stops, against 50 plain steps (SD: a CFG batch of 2; FLUX: one pass).
+
+    flock /tmp/attnedit-bench.lock python benchmarks/refocusing_cost.py            # every model, 256 px
+    flock /tmp/attnedit-bench.lock python benchmarks/refocusing_cost.py --models sd15 --checkpointing
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +36,8 @@ import time
 LAYOUT = {"prompt": "a red cat sitting on a blue square",
           "regions": [{"phrase": "red cat", "boxes": [[0.0, 0.0, 0.5, 1.0]]},
                       {"phrase": "blue square", "boxes": [[0.5, 0.25, 1.0, 0.75]]}]}
+MODELS = ("sd15", "sdxl", "sd3", "flux", "shapes-t2i")
+SIZES = {"shapes-t2i": 64}  # the built-in model's own size; the zoo models run at --size
 
 
 def _rss_mb() -> float:
@@ -31,7 +45,8 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(args: argparse.Namespace) -> dict:
+def _setup(args: argparse.Namespace):
+    """(pipe, layout, config, plain(), refocused()) for one model, one torch thread."""
     import torch
 
     from attnedit import zoo
@@ -39,72 +54,217 @@ def worker(args: argparse.Namespace) -> dict:
     from attnedit.refocusing import Layout, RefocusConfig
 
     torch.set_num_threads(1)
-    pipe = zoo.load_tiny_pipeline(args.family)
-    layout = Layout.from_dict(LAYOUT)
-    config = RefocusConfig(refocus_steps=args.refocus_steps, gradient_checkpointing=args.checkpointing)
-    kwargs = {"num_inference_steps": args.steps, "height": args.size, "width": args.size, "output_type": "latent"}
-    if args.family == "sd3":
-        kwargs["max_sequence_length"] = 32
+    size = SIZES.get(args.model, args.size)
+    kwargs = {"num_inference_steps": args.steps, "height": size, "width": size, "output_type": "latent"}
+    if args.model == "shapes-t2i":
+        sys.path.insert(0, os.path.dirname(__file__))
+        from effect_refocusing import layouts
 
-    def run() -> None:
-        generator = torch.Generator().manual_seed(0)
-        if args.variant == "plain":
-            pipe(layout.prompt, generator=generator, **kwargs)
-        else:
-            refocus(pipe, layout, config=config, generator=generator, **kwargs)
+        from attnedit.builtin import CALL_DEFAULTS, load_builtin
 
-    loaded = _rss_mb()
-    times = []
-    for i in range(args.repeats + 1):
-        start = time.perf_counter()
-        run()
-        if i:  # the first run is a warm-up
-            times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": statistics.median(times), "peak_rss_mb": peak, "extra_mb": peak - loaded}
+        pipe = load_builtin(args.model)
+        layout = layouts(1, seed=1234)[0][1]  # the first layout of effect_refocusing.py
+        kwargs["guidance_scale"] = CALL_DEFAULTS[args.model]["guidance_scale"]
+    else:
+        pipe = zoo.load_tiny_pipeline(args.model)
+        layout = Layout.from_dict(LAYOUT)
+        if args.model in ("sd3", "flux"):
+            kwargs["max_sequence_length"] = 32
+    pipe = pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    config = RefocusConfig(refocus_steps=args.refocus_steps,
+                           gradient_checkpointing=True if args.checkpointing else None)
+
+    def plain() -> None:
+        pipe(layout.prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    def refocused() -> None:
+        refocus(pipe, layout, config=config, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    return pipe, plain, refocused
 
 
-def measure(args: argparse.Namespace, size: int, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--family", args.family, "--steps", str(args.steps),
-           "--refocus-steps", str(args.refocus_steps), "--repeats", str(args.repeats), "--sizes", str(size)]
-    if args.checkpointing and variant == "refocused":
+def memory_worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    _, plain, refocused = _setup(args)
+    run = plain if args.worker == "plain" else refocused
+    cuda = args.device.startswith("cuda")
+    loaded = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    start = time.perf_counter()
+    run()  # warm-up
+    first = time.perf_counter() - start
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    run()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_mb": peak, "extra_mb": peak - loaded, "first_run_s": first}
+
+
+def time_worker(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, os.path.dirname(__file__))
+    from harness import compare
+
+    _, plain, refocused = _setup(args)
+    return compare(plain, refocused, rounds=args.rounds, repeats=1, warmup=1, device=args.device, clock=args.clock)
+
+
+def _child(args: argparse.Namespace, model: str, worker: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--models", model, "--steps", str(args.steps),
+           "--refocus-steps", str(args.refocus_steps), "--size", str(args.size), "--rounds", str(args.rounds),
+           "--clock", args.clock, "--device", args.device]
+    if args.checkpointing:
         cmd.append("--checkpointing")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------------------------------ FLOPs on meta
+def flop_counts(steps: int = 50, refocus_steps: int = 25) -> dict:
+    """FLOPs of plain and refocused generation for published architectures (meta device, no weights)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attnedit import install
+    from attnedit.architectures import get_architecture
+    from attnedit.pipelines import refocusing as pr
+    from attnedit.refocusing import Layout, RefocusConfig, TokenLayout
+
+    config = RefocusConfig(refocus_steps=refocus_steps)
+    iterations = sum(config.max_iterations(i) for i in range(refocus_steps))
+    layout = Layout.from_dict(LAYOUT)
+    tokens = TokenLayout(tuple(range(1, 9)), ((1, 2), (6, 7)))  # CLIP positions of the layout's phrases
+    out = {}
+    for name, family, size, cfg_batch, text in (("sd15", "unet", (64, 64), 2, 77), ("sdxl-base", "unet", (128, 128), 2, 77),
+                                                ("flux1-dev", "flux", (64, 64), 1, 512)):
+        arch = get_architecture(name)
+        model = arch.build("full", device="meta")
+        model.requires_grad_(False)  # as during refocusing
+        key = "sample" if family == "unet" else "hidden_states"
+        plain_kwargs = _meta(arch.inputs(model, batch=cfg_batch, size=size, text=text))
+        kwargs = _meta(arch.inputs(model, size=size, text=text))
+        x, t = kwargs.pop(key), kwargs.pop("timestep")
+
+        def forward(z, _t, kwargs=kwargs, key=key, model=model, t=t):
+            return model(**{key: z, "timestep": t}, **kwargs, return_dict=False)
+
+        def count(fn) -> int:
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            return counter.get_total_flops()
+
+        with torch.no_grad():
+            plain_forward = count(lambda: model(**plain_kwargs, return_dict=False))
+        with install(model) as handle:
+            # meta tensors hold no numbers: give the run state the timestep and token grid directly
+            grid = tuple(x.shape[-2:]) if family == "unet" else size
+            handle.state.family = _MetaFamily(**{f.name: getattr(handle.family, f.name)
+                                                 for f in dataclasses.fields(handle.family)}, grid=grid)
+            recorders = pr._recorders(handle, None, forward, x, t, config)
+            refocuser = pr._Refocuser(handle, forward, recorders, layout, config, tokens)
+            handle.edits = tuple(recorders)
+            stop = pr._Prefix()
+            hook = dict(model.named_modules())[refocuser.stop_site.name].register_forward_hook(stop)
+
+            def iteration(prefix: bool) -> None:
+                for r in recorders:
+                    r.clear()
+                z = x.detach().requires_grad_(True)
+                with torch.enable_grad(), handle.branches("cond"):
+                    refocuser._run(z, t, stop if prefix else None)
+                    # the losses' own FLOPs are negligible (and index by value): a sum over the same maps
+                    loss = sum(m.probs.float().mean() for r in recorders for m in r.maps)
+                    loss.backward()  # FlopCounterMode cannot follow autograd.grad; z is the only leaf
+
+            try:
+                short, full = count(lambda: iteration(True)), count(lambda: iteration(False))
+            finally:
+                hook.remove()
+        ratio = lambda per_iteration: 1 + iterations * per_iteration / (steps * plain_forward)
+        out[name] = {"size_px": size[0] * (8 if family == "unet" else 16), "plain_forward_flops": plain_forward,
+                     "iteration_flops_prefix": short, "iteration_flops_full": full, "iterations": iterations,
+                     "flop_ratio_prefix": ratio(short), "flop_ratio_full_forward": ratio(full),
+                     "stop_site": refocuser.stop_site.name}
+        print(f"{name}: plain forward {plain_forward / 1e12:.2f} TFLOP, iteration {full / 1e12:.2f} -> "
+              f"{short / 1e12:.2f} TFLOP (prefix); FLOP ratio x{ratio(full):.2f} -> x{ratio(short):.2f}", flush=True)
+    return out
+
+
+def _meta_family():
+    from attnedit.families import Family
+
+    @dataclasses.dataclass(frozen=True)
+    class MetaFamily(Family):
+        grid: tuple = ()
+
+        def timestep(self, model, args, kwargs) -> float:
+            return 500.0
+
+        def token_grid(self, model, latent, bound) -> tuple:
+            return self.grid
+
+    return MetaFamily
+
+
+def _MetaFamily(**kwargs):  # noqa: N802 - a class built on first use (attnedit is imported by workers only)
+    return _meta_family()(**kwargs)
+
+
+def _meta(obj):
+    import torch
+
+    if torch.is_tensor(obj):
+        return obj.to("meta")
+    return {k: _meta(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="sd15", choices=["sd15", "sdxl", "sd3"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="image sizes in pixels (square)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--size", type=int, default=256, help="image size of the zoo models in pixels (square)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--refocus-steps", type=int, default=25)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (one generation of each side per round)")
+    parser.add_argument("--clock", default="process", choices=["process", "wall"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the refocused run")
-    parser.add_argument("--worker", choices=["plain", "refocused"], help=argparse.SUPPRESS)
+    parser.add_argument("--flops", action="store_true", help="also count FLOPs of published architectures (meta)")
+    parser.add_argument("--out", default=None, help="results name (default refocusing_cost[_checkpointing])")
+    parser.add_argument("--worker", choices=["plain", "refocused", "time"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        args.size, args.variant = args.sizes[0], args.worker
-        print(json.dumps(worker(args)))
+        args.model = args.models[0]
+        print(json.dumps(time_worker(args) if args.worker == "time" else memory_worker(args)))
         return
     sys.path.insert(0, os.path.dirname(__file__))
     from harness import write_results
 
-    results = {"family": args.family, "steps": args.steps, "refocus_steps": args.refocus_steps,
-               "checkpointing": args.checkpointing, "memory": "ru_maxrss per subprocess; extra = peak - RSS after load",
-               "sizes": {}}
-    for size in args.sizes:
-        plain, refocused = measure(args, size, "plain"), measure(args, size, "refocused")
-        row = {"plain": plain, "refocused": refocused, "time_ratio": refocused["seconds"] / plain["seconds"],
-               "peak_ratio": refocused["peak_rss_mb"] / plain["peak_rss_mb"],
+    results = {"steps": args.steps, "refocus_steps": args.refocus_steps, "checkpointing": args.checkpointing,
+               "clock": args.clock, "device": args.device,
+               "memory": "peak ru_maxrss per subprocess (CUDA: max_memory_allocated); extra = peak - after load",
+               "models": {}}
+    for model in args.models:
+        timing = _child(args, model, "time")
+        plain, refocused = _child(args, model, "plain"), _child(args, model, "refocused")
+        row = {"size_px": SIZES.get(model, args.size), "plain_s": timing["baseline_s"],
+               "refocused_s": timing["variant_s"], "time_ratio": timing["ratio"],
+               "time_ratio_of_minimums": timing["ratio_of_minimums"], "timing_samples": timing["samples"],
+               "plain_memory": plain, "refocused_memory": refocused,
+               "peak_ratio": refocused["peak_mb"] / plain["peak_mb"],
                "extra_ratio": refocused["extra_mb"] / max(plain["extra_mb"], 1e-3)}
-        results["sizes"][str(size)] = row
-        print(f"{args.family} {size}px: time {plain['seconds']:.3f}s -> {refocused['seconds']:.3f}s "
-              f"(x{row['time_ratio']:.2f}); peak RSS {plain['peak_rss_mb']:.0f} -> {refocused['peak_rss_mb']:.0f} MB "
-              f"(x{row['peak_ratio']:.2f}); extra {plain['extra_mb']:.0f} -> {refocused['extra_mb']:.0f} MB")
-    suffix = "_checkpointing" if args.checkpointing else ""
-    print(write_results(f"refocusing_cost_{args.family}{suffix}", results))
+        results["models"][model] = row
+        print(f"{model} {row['size_px']}px: time {row['plain_s']:.2f}s -> {row['refocused_s']:.2f}s "
+              f"(x{row['time_ratio']:.2f}, of minimums x{row['time_ratio_of_minimums']:.2f}); peak "
+              f"{plain['peak_mb']:.0f} -> {refocused['peak_mb']:.0f} MB (x{row['peak_ratio']:.2f}); extra "
+              f"{plain['extra_mb']:.0f} -> {refocused['extra_mb']:.0f} MB", flush=True)
+    if args.flops:
+        results["flops"] = flop_counts(args.steps, args.refocus_steps)
+    name = args.out or ("refocusing_cost_checkpointing" if args.checkpointing else "refocusing_cost")
+    print(write_results(name, results))
 
 
 if __name__ == "__main__":

@@ -249,3 +249,14 @@ def test_cli_generate_with_the_dit(tmp_path):
     assert main(["generate", "--model", "shapes-dit", "a big red circle", "--steps", "20", "--out", str(out)]) == 0
     assert read_png_parameters(out)["model"] == "shapes-dit"
     assert "red" in world.detect(np.asarray(Image.open(out).convert("RGB")))
+
+
+def test_dit_phrase_positions_follow_its_clip_length(dit):
+    """SD3's joint text keys are [CLIP tokens, T5 tokens]: T5 positions start at the CLIP length (24 here, 77 real)."""
+    from attnedit.refocusing import Layout, token_layout
+
+    layout = Layout("a red circle and a blue square", [("red circle", [(0, 0, 0.5, 1)]), ("blue square", [(0.5, 0, 1, 1)])])
+    tokens = token_layout(dit, layout, max_sequence_length=builtin.TEXT_LENGTH)
+    positions = [tokens.content[i] for i in tokens.phrases[0]]
+    assert any(p < builtin.TEXT_LENGTH for p in positions) and any(p >= builtin.TEXT_LENGTH for p in positions)
+    assert max(tokens.content) < 2 * builtin.TEXT_LENGTH  # every key exists among the 48 text keys

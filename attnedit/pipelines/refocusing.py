@@ -1,16 +1,25 @@
-"""Attention refocusing on stock diffusers pipelines (SD 1.x, SDXL, SD3): :func:`refocus`.
+"""Attention refocusing on stock diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1): :func:`refocus`.
 
 Phung, Ge and Huang (2024), "Grounded Text-to-Image Synthesis with Attention Refocusing" (arXiv:2306.05427); the
 losses and the schedule live in :mod:`attnedit.refocusing`. The stock pipeline runs unchanged: the initial noise
-is drawn exactly as the pipeline would draw it (same generator, same numbers), refocused for step 0 and passed as
-``latents=``; for steps 1..N-1, ``callback_on_step_end`` refocuses the latent the pipeline will denoise next
-(against ``timesteps[i + 1]``). Each refocusing iteration is one extra conditional-only forward with gradients
-(``handle.branches("cond")``) whose attention maps are recorded at one resolution:
+is drawn exactly as the pipeline would draw it (same generator, same numbers; packed for FLUX), refocused for step
+0 and passed as ``latents=``; for steps 1..N-1, ``callback_on_step_end`` refocuses the latent the pipeline will
+denoise next (against ``timesteps[i + 1]``). Each refocusing iteration is one extra conditional-only forward with
+gradients (``handle.branches("cond")``) whose attention maps are recorded at one resolution:
 
 * SD 1.x: cross/self layers whose grid is latent / 4 (16x16 at 512 px, the paper's layers);
 * SDXL: latent / 2 (64x64 at 1024 px: down_blocks.1 and up_blocks.1, the middle of its three resolutions);
-* UNets without that grid, or where it is under 8x8 (tiny and built-in models), use their finest attention grid;
-* SD3: every joint block (or ``config.layers``): image queries -> text keys (CAR), -> image keys (SAR).
+* UNets without that grid, or where it is under 8x8 (tiny and built-in models), use the grid nearest to 16x16
+  (the paper's map size) that is at least 8x8, the finer one on a tie;
+* SD3: every joint block (or ``config.layers``): image queries -> text keys (CAR), -> image keys (SAR);
+* FLUX: the double-stream blocks (``config.single_stream`` adds the single-stream ones): image queries -> T5 text
+  keys (CAR), -> image keys (SAR). FLUX.1 is guidance-distilled: one pass per step, which is the cond branch.
+
+Cost: that forward stops right after the last recorded attention call (a private exception raised by a forward
+hook on its module, caught here), so only the network's prefix in front of it runs forward and backward; the
+model's parameters are frozen meanwhile (no activation is kept for weight gradients); the installation's step
+counter is restored afterwards, so the pipeline's own forwards see the steps and branches they would see without
+refocusing. Gradient checkpointing (``RefocusConfig.gradient_checkpointing``) is on by default for FLUX.
 
 Other edits (``edits=``) apply to the pipeline's forwards and to the refocusing forwards; pass ``handle=`` to run
 inside an existing installation, e.g. ``with perturbed_guidance(pipe, ...) as h: refocus(pipe, layout, handle=h)``.
@@ -18,10 +27,14 @@ inside an existing installation, e.g. ``with perturbed_guidance(pipe, ...) as h:
 
 from __future__ import annotations
 
+import inspect
+import math
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -29,7 +42,8 @@ from ..edits import Edit
 from ..install import Installation, install
 from ..refocusing import Layout, MapRecorder, RefocusConfig, TokenLayout, refocus_latents, token_layout
 
-SUPPORTED = ("unet", "sd3")
+SUPPORTED = ("unet", "sd3", "flux")
+PAPER_GRID = 16  # the paper's map side (SD 1.x at 512 px)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,9 +56,28 @@ class _GridProbe(Edit):
         self.grids[call.site] = tuple(call.grid[-2:])
 
 
-def _conditioner(pipe: Any, family: str, prompt: str, size: tuple[int, int], max_sequence_length: int) -> Any:
-    """forward(x, t): the conditional denoiser call of the pipeline, batch 1."""
+def _default(pipe: Any, name: str) -> Any:
+    """The default of ``pipe.__call__``'s argument ``name``."""
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
+def _conditioner(pipe: Any, family: str, prompt: str, size: tuple[int, int], max_sequence_length: int,
+                 guidance_scale: float | None = None) -> Any:
+    """forward(x, t): the conditional denoiser call of the pipeline, batch 1 (FLUX: on packed latents)."""
     device = pipe._execution_device
+    if family == "flux":
+        emb, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                                   max_sequence_length=max_sequence_length)
+        vsf = pipe.vae_scale_factor
+        h, w = (2 * (int(n) // (vsf * 2)) for n in size)
+        image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, emb.dtype)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            scale = _default(pipe, "guidance_scale") if guidance_scale is None else guidance_scale
+            guidance = torch.full([1], float(scale), device=device, dtype=torch.float32)
+        return lambda x, t: pipe.transformer(
+            hidden_states=x, timestep=t.expand(1).to(x.dtype) / 1000, guidance=guidance, pooled_projections=pooled,
+            encoder_hidden_states=emb, txt_ids=text_ids, img_ids=image_ids, return_dict=False)
     if family == "sd3":
         emb, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
                                                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
@@ -61,33 +94,55 @@ def _conditioner(pipe: Any, family: str, prompt: str, size: tuple[int, int], max
     return lambda x, t: pipe.unet(scale(x, t), t, encoder_hidden_states=emb, added_cond_kwargs=extra, return_dict=False)
 
 
+# per model: {latent shape: {site: grid}} from one probing forward (the grids depend on the architecture only)
+_GRIDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe_grids(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Tensor) -> dict:
+    """{site: token grid} of every self/cross call of ``forward(x, t)`` (one no-grad forward, cached per model)."""
+    model, shape = handle.models[0], tuple(x.shape)
+    cached = _GRIDS.setdefault(model, {})
+    if shape not in cached:
+        probe, base = _GridProbe(kinds=frozenset({"self", "cross"})), handle.edits
+        state = handle.state
+        saved = (state.step, state.pass_index, state.last_t, state.direction)
+        handle.edits = (*base, probe)
+        try:
+            with torch.no_grad(), handle.branches("cond"):
+                forward(x, t)
+        finally:
+            handle.edits = base
+            state.step, state.pass_index, state.last_t, state.direction = saved
+        cached[shape] = dict(probe.grids)
+    return cached[shape]
+
+
 def map_layers(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Tensor,
                config: RefocusConfig) -> tuple[str, str, frozenset[int], frozenset[int]]:
     """(text kind, image kind, text layers, image layers) the losses record.
 
     UNets: the layers at the paper's grid (latent/4 for SD 1.x: 16x16 at 512 px, its 5 layers; latent/2 for
-    SDXL), found by one probing forward ``forward(x, t)``; SD3: every joint block.
+    SDXL; else the grid nearest to 16x16 of at least 8x8), found by one probing forward ``forward(x, t)``; SD3:
+    every joint block; FLUX: the double-stream blocks (and the single-stream ones with ``config.single_stream``).
     """
-    if handle.family.name == "sd3":
-        layers = config.layers or frozenset(s.layer for s in handle.sites if s.kind == "joint")
+    if handle.family.name in ("sd3", "flux"):
+        sites = [s for s in handle.sites if s.kind == "joint" and (config.single_stream or s.stream != "single")]
+        layers = config.layers or frozenset(s.layer for s in sites)
         return "joint", "joint", layers, layers
     if config.layers is not None:
         return "cross", "self", config.layers, config.layers
-    probe, base = _GridProbe(kinds=frozenset({"self", "cross"})), handle.edits
-    handle.edits = (*base, probe)
-    try:
-        with torch.no_grad(), handle.branches("cond"):
-            forward(x, t)
-    finally:
-        handle.edits = base
+    grids_of = _probe_grids(handle, forward, x, t)
     latent = tuple(x.shape[-2:])
     sdxl = handle.models[0].config.get("addition_embed_type") == "text_time"  # SDXL's micro-conditioning
     factor = 2 if sdxl else 4  # SDXL: latent / 2; SD 1.x: latent / 4
     target = tuple(-(-n // factor) for n in latent)
-    grids = {g for s, g in probe.grids.items() if s.kind == "cross"}
-    # a grid under 8 tokens a side is too coarse to hold a box (the paper's maps are 16x16): then the finest grid
-    chosen = target if target in grids and min(target) >= 8 else max(grids, key=lambda g: g[0] * g[1])
-    pick = lambda kind: frozenset(s.layer for s, g in probe.grids.items() if s.kind == kind and g == chosen)
+    grids = {g for s, g in grids_of.items() if s.kind == "cross"}
+    if target in grids and min(target) >= 8:
+        chosen = target
+    else:  # a grid under 8 tokens a side is too coarse to hold a box: the usable grid nearest the paper's 16x16
+        usable = [g for g in grids if min(g) >= 8] or list(grids)
+        chosen = min(usable, key=lambda g: (abs(math.log2(math.sqrt(g[0] * g[1]) / PAPER_GRID)), -g[0] * g[1]))
+    pick = lambda kind: frozenset(s.layer for s, g in grids_of.items() if s.kind == kind and g == chosen)
     return "cross", "self", pick("cross"), pick("self")
 
 
@@ -104,9 +159,36 @@ def _recorders(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t
     return recorders
 
 
+class _StopForward(Exception):
+    """Raised right after the last attention call whose maps the losses read; the forward that raised is done."""
+
+
+class _Prefix:
+    """Forward hook on the module of the last recorded site; armed for one forward at a time (a checkpointed
+    block's recomputation during the backward pass runs it again, disarmed)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.armed:
+            self.armed = False
+            raise _StopForward
+
+
+def _covered_sites(handle: Installation, recorders: list[MapRecorder]) -> list:
+    """The sites (in forward order) at least one recorder reads."""
+    return [s for s in handle.sites
+            if any((r.kinds is None or s.kind in r.kinds) and (r.layers is None or s.layer in r.layers) for r in recorders)]
+
+
 @dataclass
 class _Refocuser:
-    """Refocuses one latent at one step, with the recorders added to the installation only meanwhile."""
+    """Refocuses one latent at one step, with the recorders added to the installation only meanwhile.
+
+    The gradient forward runs up to the last recorded site (``config.prefix_only``); the first one checks that
+    every site the recorders cover was recorded before the stop, else prefix truncation is turned off.
+    """
 
     handle: Installation
     forward: Any
@@ -115,21 +197,74 @@ class _Refocuser:
     config: RefocusConfig
     tokens: TokenLayout
     losses: dict[int, list[float]] = field(default_factory=dict)
+    checked: bool = False
+    transient: bool = False  # install the processors only while refocusing (``handle`` was removed)
+
+    def __post_init__(self) -> None:
+        self.expected = set(_covered_sites(self.handle, self.recorders))
+        last = [s for s in self.handle.sites if s in self.expected][-1:] if self.config.prefix_only else []
+        self.stop_site = last[0] if last else None
+
+    def _run(self, z: torch.Tensor, t: torch.Tensor, stop: _Prefix | None) -> None:
+        if stop is None or self.stop_site is None:
+            self.forward(z, t)
+            return
+        stop.armed = True
+        try:
+            self.forward(z, t)
+        except _StopForward:
+            pass
+        finally:
+            stop.armed = False
+        if not self.checked:
+            self.checked = True
+            seen = {m.site for r in self.recorders for m in r.maps}
+            if not self.expected <= seen:  # a covered site runs after the stop: record from full forwards
+                self.stop_site = None
+                for r in self.recorders:
+                    r.clear()
+                self.forward(z, t)
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        base, model = self.handle.edits, self.handle.models[0]
-        checkpointing = self.config.gradient_checkpointing and not model.is_gradient_checkpointing
-        self.handle.edits = (*base, *self.recorders)
+        if not self.transient:
+            return self._refocus(self.handle, latents, t, step)
+        self.handle._attach()  # the same installation (sites, run state), put back on for this step only
         try:
+            return self._refocus(self.handle, latents, t, step)
+        finally:
+            self.handle.remove()
+
+    def _refocus(self, handle: Installation, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        models = handle.models
+        base, model, state = handle.edits, models[0], handle.state
+        wanted = self.config.gradient_checkpointing
+        wanted = handle.family.name == "flux" if wanted is None else wanted
+        checkpointing = wanted and not model.is_gradient_checkpointing
+        saved = (state.step, state.pass_index, state.last_t, state.direction)
+        frozen = [p for m in models for p in m.parameters() if p.requires_grad]
+        stop, hook = None, None
+        handle.edits = (*base, *self.recorders)
+        try:
+            for p in frozen:  # the latent is the only leaf: no activation is saved for weight gradients
+                p.requires_grad_(False)
+            if self.stop_site is not None:
+                stop = _Prefix()
+                hook = dict(model.named_modules())[self.stop_site.name].register_forward_hook(stop)
             if checkpointing:
                 model.enable_gradient_checkpointing()
-            with self.handle.branches("cond"):
-                x, history = refocus_latents(lambda z: self.forward(z, t), latents, step, self.recorders,
+            with handle.branches("cond"):
+                x, history = refocus_latents(lambda z: self._run(z, t, stop), latents, step, self.recorders,
                                              self.layout, self.tokens, self.config)
         finally:
-            self.handle.edits = base
+            handle.edits = base
+            if hook is not None:
+                hook.remove()
             if checkpointing:
                 model.disable_gradient_checkpointing()
+            for p in frozen:
+                p.requires_grad_(True)
+            # the pipeline's next forward counts as if the refocusing forwards had not run (step, pass, branch)
+            state.step, state.pass_index, state.last_t, state.direction = saved
         self.losses[step] = history
         return x.to(latents.dtype)
 
@@ -138,19 +273,32 @@ def _size(pipe: Any, family: str, height: int | None, width: int | None) -> tupl
     vsf = pipe.vae_scale_factor
     if family == "sd3":
         multiple, default = vsf * pipe.transformer.config.patch_size, pipe.default_sample_size * vsf
+    elif family == "flux":  # 2x2 latent packing
+        multiple, default = vsf * 2, pipe.default_sample_size * vsf
     else:
         multiple, default = vsf, pipe.unet.config.sample_size * vsf
     size = (default if height is None else height, default if width is None else width)
     for name, value in zip(("height", "width"), size):
-        if not isinstance(value, int) or value <= 0 or value % multiple:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
             raise ValueError(f"{name}={value!r} must be a positive multiple of {multiple} for this pipeline")
     return size
 
 
-def _timesteps(pipe: Any, family: str, steps: int, latent: torch.Tensor) -> torch.Tensor:
+def _timesteps(pipe: Any, family: str, steps: int, latent: torch.Tensor, sigmas: Any = None) -> torch.Tensor:
     """The timesteps the pipeline will use (it sets them again itself, identically)."""
     extra = {}
     config = pipe.scheduler.config
+    if family == "flux":
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        sigmas = np.linspace(1.0, 1 / steps, steps) if sigmas is None else sigmas
+        if config.get("use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(latent.shape[1], config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, latent.device, sigmas=sigmas, mu=mu)
+        return timesteps
     if family == "sd3" and config.get("use_dynamic_shifting", None):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
@@ -160,6 +308,19 @@ def _timesteps(pipe: Any, family: str, steps: int, latent: torch.Tensor) -> torc
                                       config.get("base_shift", 0.5), config.get("max_shift", 1.16))
     pipe.scheduler.set_timesteps(steps, device=latent.device, **extra)
     return pipe.scheduler.timesteps
+
+
+def _initial_noise(pipe: Any, family: str, model: torch.nn.Module, size: tuple[int, int],
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """The noise the pipeline would draw itself (FLUX: packed (1, h/2 * w/2, 4 C), as its ``latents=`` expects)."""
+    device = pipe._execution_device
+    if family == "flux":
+        encoder = getattr(pipe, "text_encoder_2", None)
+        dtype = encoder.dtype if encoder is not None else model.dtype  # the dtype of FLUX's prompt embeddings
+        noise, _ = pipe.prepare_latents(1, model.config.in_channels // 4, size[0], size[1], dtype, device, generator)
+        return noise
+    shape = (1, model.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+    return randn_tensor(shape, generator=generator, device=device, dtype=model.dtype)
 
 
 def _step_callback(refocuser: _Refocuser, limit: int, user: Any) -> Any:
@@ -185,8 +346,10 @@ def _check_call(pipe: Any, layout: Any, handle: Installation | None, kwargs: dic
             f"layout={layout!r} must be a Layout (Layout(prompt, regions) or Layout.from_json(path))")
     family = detect_family(denoiser(pipe)).name
     if family not in SUPPORTED:
-        raise ValueError(f"refocusing supports SD 1.x, SDXL and SD3 pipelines; {type(pipe).__name__} is {family}")
-    for name in ("prompt", "latents", "prompt_embeds"):
+        raise ValueError(f"refocusing supports SD 1.x, SDXL, SD3 and FLUX.1 pipelines; {type(pipe).__name__} is {family}")
+    if family == "flux" and not any(c.__name__ == "FluxPipeline" for c in type(pipe).__mro__):
+        raise ValueError(f"refocusing on FLUX supports FluxPipeline (text to image); got {type(pipe).__name__}")
+    for name in ("prompt", "prompt_2", "prompt_3", "latents", "prompt_embeds"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}= is set by refocus(); put the prompt in the layout")
     if kwargs.get("num_images_per_prompt", 1) != 1:
@@ -202,10 +365,11 @@ def refocus(
     height: int | None = None, width: int | None = None, generator: torch.Generator | None = None,
     max_sequence_length: int = 256, callback_on_step_end: Any = None, return_losses: bool = False, **kwargs: Any,
 ) -> Any:
-    """Run ``pipe`` (SD 1.x, SDXL or SD3) on ``layout.prompt`` with attention refocusing toward ``layout``'s boxes.
+    """Run ``pipe`` (SD 1.x, SDXL, SD3 or FLUX.1) on ``layout.prompt`` with attention refocusing toward ``layout``'s boxes.
 
     Returns the pipeline's output (and, with ``return_losses``, ``{step: [loss per iteration]}``). Extra
     ``kwargs`` go to the pipeline. A phrase missing from the prompt raises, unless ``append_missing``.
+    ``max_sequence_length`` is the T5 length of SD3 and FLUX (the text keys phrases are located among).
 
     >>> layout = Layout("a cat and a dog", [("a cat", [(0, 0, .5, 1)]), ("a dog", [(.5, 0, 1, 1)])])  # doctest: +SKIP
     >>> image = refocus(pipe, layout, generator=torch.Generator().manual_seed(0)).images[0]  # doctest: +SKIP
@@ -215,10 +379,11 @@ def refocus(
     layout = layout.with_phrases_in_prompt() if append_missing else layout
     tokens = token_layout(pipe, layout, max_sequence_length)
     size = _size(pipe, family, height, width)
-    if family == "sd3":
+    if family in ("sd3", "flux"):
         kwargs["max_sequence_length"] = max_sequence_length
     with ExitStack() as stack:
-        if handle is None:
+        installed = handle is None
+        if installed:
             handle = stack.enter_context(install(pipe, *edits))
         elif edits:
             base = handle.edits
@@ -226,14 +391,17 @@ def refocus(
             stack.callback(setattr, handle, "edits", base)
         handle.new_run()
         model = handle.models[0]
-        shape = (1, model.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
-        noise = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=model.dtype)
-        timesteps = _timesteps(pipe, family, num_inference_steps, noise)
-        forward = _conditioner(pipe, family, layout.prompt, size, max_sequence_length)
+        noise = _initial_noise(pipe, family, model, size, generator)
+        timesteps = _timesteps(pipe, family, num_inference_steps, noise, kwargs.get("sigmas"))
+        forward = _conditioner(pipe, family, layout.prompt, size, max_sequence_length, kwargs.get("guidance_scale"))
         sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
         x, limit = noise * sigma, min(config.refocus_steps, len(timesteps))
         recorders = _recorders(handle, pipe, forward, x, timesteps[0], config) if limit > 0 else []
-        refocuser = _Refocuser(handle, forward, recorders, layout, config, tokens)
+        # without other edits the pipeline's own forwards need no processor: install them only while refocusing
+        transient = installed and not edits
+        refocuser = _Refocuser(handle, forward, recorders, layout, config, tokens, transient=transient)
+        if transient:
+            handle.remove()
         if limit > 0:
             x = refocuser(x, timesteps[0], 0)
         handle.new_run()
