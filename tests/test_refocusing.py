@@ -551,6 +551,16 @@ def test_flux_phrase_mass_inside_its_box_increases(tiny_pipe, seed):
     assert sorted({m.step for m in every.maps if m.probs.requires_grad}) == list(range(k))
 
 
+def test_flux_true_cfg_keeps_the_pipelines_cond_then_uncond_passes(tiny_pipe):
+    rec = AttentionRecorder(kinds={"joint"}, layers={0})
+    refocus(tiny_pipe("flux"), LAYOUT, edits=(rec,), config=RefocusConfig(refocus_steps=2), num_inference_steps=3,
+            height=64, width=64, negative_prompt="blurry", true_cfg_scale=2.0, max_sequence_length=32,
+            generator=gen(), output_type="latent")
+    own = [(m.step, m.branches) for m in rec.maps if not m.probs.requires_grad]
+    assert own == [(i, (b,)) for i in range(3) for b in ("cond", "uncond")]
+    assert {(m.step, m.branches) for m in rec.maps if m.probs.requires_grad} == {(0, ("cond",)), (1, ("cond",))}
+
+
 def test_flux_bad_inputs(tiny_pipe):
     from diffusers import FluxImg2ImgPipeline
 
