@@ -126,72 +126,83 @@ def _child(args: argparse.Namespace, model: str, worker: str) -> dict:
 # ------------------------------------------------------------------------------------------ FLOPs on meta
 def flop_counts(steps: int = 50, refocus_steps: int = 25) -> dict:
     """FLOPs of plain and refocused generation for published architectures (meta device, no weights)."""
-    import torch
+    from attnedit.refocusing import RefocusConfig
+
+    config = RefocusConfig(refocus_steps=refocus_steps)
+    iterations = sum(config.max_iterations(i) for i in range(refocus_steps))
+    out = {}
+    for name, family, size, cfg_batch, text in (("sd15", "unet", (64, 64), 2, 77),
+                                                ("sdxl-base", "unet", (128, 128), 2, 77),
+                                                ("flux1-dev", "flux", (64, 64), 1, 512)):
+        plain, full, short, stop_site = _architecture_flops(name, family, size, cfg_batch, text, config)
+        ratio = lambda per_iteration, plain=plain: 1 + iterations * per_iteration / (steps * plain)
+        out[name] = {"size_px": size[0] * (8 if family == "unet" else 16), "plain_forward_flops": plain,
+                     "iteration_flops_prefix": short, "iteration_flops_full": full, "iterations": iterations,
+                     "flop_ratio_prefix": ratio(short), "flop_ratio_full_forward": ratio(full), "stop_site": stop_site}
+        print(f"{name}: plain forward {plain / 1e12:.2f} TFLOP, iteration {full / 1e12:.2f} -> "
+              f"{short / 1e12:.2f} TFLOP (prefix); FLOP ratio x{ratio(full):.2f} -> x{ratio(short):.2f}", flush=True)
+    return out
+
+
+def _count(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _architecture_flops(name: str, family: str, size: tuple[int, int], cfg_batch: int, text: int,
+                        config) -> tuple[int, int, int, str]:
+    """(plain forward, refocusing iteration with the whole network, with the prefix only, stop site) on meta."""
+    import torch
 
     from attnedit import install
     from attnedit.architectures import get_architecture
     from attnedit.pipelines import refocusing as pr
-    from attnedit.refocusing import Layout, RefocusConfig, TokenLayout
+    from attnedit.refocusing import Layout, TokenLayout
 
-    config = RefocusConfig(refocus_steps=refocus_steps)
-    iterations = sum(config.max_iterations(i) for i in range(refocus_steps))
     layout = Layout.from_dict(LAYOUT)
     tokens = TokenLayout(tuple(range(1, 9)), ((1, 2), (6, 7)))  # CLIP positions of the layout's phrases
-    out = {}
-    for name, family, size, cfg_batch, text in (("sd15", "unet", (64, 64), 2, 77), ("sdxl-base", "unet", (128, 128), 2, 77),
-                                                ("flux1-dev", "flux", (64, 64), 1, 512)):
-        arch = get_architecture(name)
-        model = arch.build("full", device="meta")
-        model.requires_grad_(False)  # as during refocusing
-        key = "sample" if family == "unet" else "hidden_states"
-        plain_kwargs = _meta(arch.inputs(model, batch=cfg_batch, size=size, text=text))
-        kwargs = _meta(arch.inputs(model, size=size, text=text))
-        x, t = kwargs.pop(key), kwargs.pop("timestep")
+    arch = get_architecture(name)
+    model = arch.build("full", device="meta")
+    model.requires_grad_(False)  # as during refocusing
+    key = "sample" if family == "unet" else "hidden_states"
+    plain_kwargs = _meta(arch.inputs(model, batch=cfg_batch, size=size, text=text))
+    kwargs = _meta(arch.inputs(model, size=size, text=text))
+    x, t = kwargs.pop(key), kwargs.pop("timestep")
 
-        def forward(z, _t, kwargs=kwargs, key=key, model=model, t=t):
-            return model(**{key: z, "timestep": t}, **kwargs, return_dict=False)
+    def forward(z, _t):
+        return model(**{key: z, "timestep": t}, **kwargs, return_dict=False)
 
-        def count(fn) -> int:
-            with FlopCounterMode(display=False) as counter:
-                fn()
-            return counter.get_total_flops()
+    with torch.no_grad():
+        plain = _count(lambda: model(**plain_kwargs, return_dict=False))
+    with install(model) as handle:
+        # meta tensors hold no numbers: give the run state the timestep and token grid directly
+        grid = tuple(x.shape[-2:]) if family == "unet" else size
+        handle.state.family = _meta_family()(**{f.name: getattr(handle.family, f.name)
+                                                for f in dataclasses.fields(handle.family)}, grid=grid)
+        recorders = pr._recorders(handle, None, forward, x, t, config)
+        refocuser = pr._Refocuser(handle, forward, recorders, layout, config, tokens)
+        handle.edits = tuple(recorders)
+        stop = pr._Prefix()
+        hook = dict(model.named_modules())[refocuser.stop_site.name].register_forward_hook(stop)
 
-        with torch.no_grad():
-            plain_forward = count(lambda: model(**plain_kwargs, return_dict=False))
-        with install(model) as handle:
-            # meta tensors hold no numbers: give the run state the timestep and token grid directly
-            grid = tuple(x.shape[-2:]) if family == "unet" else size
-            handle.state.family = _MetaFamily(**{f.name: getattr(handle.family, f.name)
-                                                 for f in dataclasses.fields(handle.family)}, grid=grid)
-            recorders = pr._recorders(handle, None, forward, x, t, config)
-            refocuser = pr._Refocuser(handle, forward, recorders, layout, config, tokens)
-            handle.edits = tuple(recorders)
-            stop = pr._Prefix()
-            hook = dict(model.named_modules())[refocuser.stop_site.name].register_forward_hook(stop)
+        def iteration(prefix: bool) -> None:
+            for r in recorders:
+                r.clear()
+            z = x.detach().requires_grad_(True)
+            with torch.enable_grad(), handle.branches("cond"):
+                refocuser._run(z, t, stop if prefix else None)
+                # the losses' own FLOPs are negligible (and index by value): a sum over the same maps
+                loss = sum(m.probs.float().mean() for r in recorders for m in r.maps)
+                loss.backward()  # FlopCounterMode cannot follow autograd.grad; z is the only leaf
 
-            def iteration(prefix: bool) -> None:
-                for r in recorders:
-                    r.clear()
-                z = x.detach().requires_grad_(True)
-                with torch.enable_grad(), handle.branches("cond"):
-                    refocuser._run(z, t, stop if prefix else None)
-                    # the losses' own FLOPs are negligible (and index by value): a sum over the same maps
-                    loss = sum(m.probs.float().mean() for r in recorders for m in r.maps)
-                    loss.backward()  # FlopCounterMode cannot follow autograd.grad; z is the only leaf
-
-            try:
-                short, full = count(lambda: iteration(True)), count(lambda: iteration(False))
-            finally:
-                hook.remove()
-        ratio = lambda per_iteration: 1 + iterations * per_iteration / (steps * plain_forward)
-        out[name] = {"size_px": size[0] * (8 if family == "unet" else 16), "plain_forward_flops": plain_forward,
-                     "iteration_flops_prefix": short, "iteration_flops_full": full, "iterations": iterations,
-                     "flop_ratio_prefix": ratio(short), "flop_ratio_full_forward": ratio(full),
-                     "stop_site": refocuser.stop_site.name}
-        print(f"{name}: plain forward {plain_forward / 1e12:.2f} TFLOP, iteration {full / 1e12:.2f} -> "
-              f"{short / 1e12:.2f} TFLOP (prefix); FLOP ratio x{ratio(full):.2f} -> x{ratio(short):.2f}", flush=True)
-    return out
+        try:
+            short, full = _count(lambda: iteration(True)), _count(lambda: iteration(False))
+        finally:
+            hook.remove()
+    return plain, full, short, refocuser.stop_site.name
 
 
 def _meta_family():
@@ -208,10 +219,6 @@ def _meta_family():
             return self.grid
 
     return MetaFamily
-
-
-def _MetaFamily(**kwargs):  # noqa: N802 - a class built on first use (attnedit is imported by workers only)
-    return _meta_family()(**kwargs)
 
 
 def _meta(obj):
