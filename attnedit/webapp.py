@@ -124,7 +124,9 @@ def edit_tab(pipe) -> None:
 
     with gr.Row():
         with gr.Column():
-            editor = gr.ImageEditor(label="Image: upload, then paint over the object", type="numpy",
+            source = gr.Image(label="Image", type="numpy", sources=["upload", "clipboard"], elem_id="edit-source",
+                              height=200)
+            editor = gr.ImageEditor(label="Mask: paint over the object (or upload the image here)", type="numpy",
                                     brush=gr.Brush(colors=["#ff0000"], default_size=12), elem_id="edit-editor",
                                     height=320)
             box = gr.Textbox(label="...or mask from a box: x0,y0,x1,y1 in pixels (used when set)", elem_id="edit-box")
@@ -141,14 +143,22 @@ def edit_tab(pipe) -> None:
         with gr.Column():
             result = gr.Image(label="Result", format="png", elem_id="edit-image", height=320)
 
-    def run(value, box_text, operation, dx, dy, scale, direction, amount, steps):
-        image = None if not value or value.get("background") is None else value["background"]
+    def paint_on(image):
+        """Put the uploaded image under the brush, so the mask is painted on the image being edited."""
+        return None if image is None else {"background": image, "layers": [], "composite": image}
+
+    def run(image, value, box_text, operation, dx, dy, scale, direction, amount, steps):
+        # The plain image input is the source: its value reaches the server as soon as it is uploaded, where the
+        # editor's background can arrive late (a frontend race seen in headless browsers).
+        if image is None and value and value.get("background") is not None:
+            image = value["background"]
         mask = tabs.parse_box(box_text)
-        mask = tabs.editor_mask(value) if mask is None else mask
+        mask = tabs.editor_mask(value, like=image) if mask is None else mask
         return tabs.run_edit(pipe, image, mask, operation, dx=dx, dy=dy, scale=scale, direction=direction,
                              amount=amount, steps=steps)
 
-    inputs = [editor, box, operation, dx, dy, scale, direction, amount, steps]
+    source.upload(paint_on, source, editor, queue=False, api_visibility="private")
+    inputs = [source, editor, box, operation, dx, dy, scale, direction, amount, steps]
     button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model")
 
 

@@ -152,11 +152,17 @@ def preview_layout(boxes: str) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------------------------- DesignEdit
-def editor_mask(value: dict | None) -> np.ndarray | None:
-    """Bool (H, W) mask painted in a gr.ImageEditor value (any layer's alpha > 0), at the background's size."""
-    if not value or value.get("background") is None:
+def editor_mask(value: dict | None, like: np.ndarray | None = None) -> np.ndarray | None:
+    """Bool (H, W) mask painted in a gr.ImageEditor value (any layer's alpha > 0).
+
+    At the size of ``like`` (the image being edited) when given, else at the editor background's size.
+    """
+    if not value:
         return None
-    height, width = value["background"].shape[:2]
+    reference = like if like is not None else value.get("background")
+    if reference is None:
+        return None
+    height, width = reference.shape[:2]
     mask = np.zeros((height, width), dtype=bool)
     for layer in value.get("layers") or []:
         if layer is None or layer.ndim != 3 or layer.shape[-1] != 4:

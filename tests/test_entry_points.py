@@ -98,6 +98,9 @@ def test_editor_mask_reads_layer_alpha_at_background_size():
     assert mask.shape == (64, 64) and mask.sum() == 8 * 20 and mask[8:16, 20:40].all()
     assert editor_mask({"background": np.zeros((8, 8, 4), np.uint8), "layers": [np.zeros((8, 8, 4), np.uint8)]}) is None
     assert editor_mask(None) is None
+    # painted on an editor showing the image at another size: the mask follows the image being edited
+    resized = editor_mask({"background": None, "layers": [layer]}, like=np.zeros((48, 96, 3), np.uint8))
+    assert resized.shape == (48, 96) and resized[6:12, 30:60].all() and resized.sum() == 6 * 30
 
 
 @pytest.mark.parametrize("family, operation, direction", [
