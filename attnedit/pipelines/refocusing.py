@@ -28,8 +28,6 @@ inside an existing installation, e.g. ``with perturbed_guidance(pipe, ...) as h:
 from __future__ import annotations
 
 import inspect
-import math
-import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,19 +39,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..edits import Edit
 from ..install import Installation, install
 from ..refocusing import Layout, MapRecorder, RefocusConfig, TokenLayout, refocus_latents, token_layout
+from .refocusing_maps import PAPER_GRID, _recorders, map_layers  # noqa: F401  (re-exported)
 
 SUPPORTED = ("unet", "sd3", "flux")
-PAPER_GRID = 16  # the paper's map side (SD 1.x at 512 px)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _GridProbe(Edit):
-    """Notes the token grid of every call it covers; changes nothing (no probabilities needed)."""
-
-    grids: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def key_keep(self, call: Any) -> None:
-        self.grids[call.site] = tuple(call.grid[-2:])
 
 
 def _default(pipe: Any, name: str) -> Any:
@@ -95,70 +83,6 @@ def _conditioner(pipe: Any, family: str, prompt: str, size: tuple[int, int], max
 
 
 # per model: {latent shape: {site: grid}} from one probing forward (the grids depend on the architecture only)
-_GRIDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _probe_grids(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Tensor) -> dict:
-    """{site: token grid} of every self/cross call of ``forward(x, t)`` (one no-grad forward, cached per model)."""
-    model, shape = handle.models[0], tuple(x.shape)
-    cached = _GRIDS.setdefault(model, {})
-    if shape not in cached:
-        probe, base = _GridProbe(kinds=frozenset({"self", "cross"})), handle.edits
-        state = handle.state
-        saved = (state.step, state.pass_index, state.last_t, state.direction)
-        handle.edits = (*base, probe)
-        try:
-            with torch.no_grad(), handle.branches("cond"):
-                forward(x, t)
-        finally:
-            handle.edits = base
-            state.step, state.pass_index, state.last_t, state.direction = saved
-        cached[shape] = dict(probe.grids)
-    return cached[shape]
-
-
-def map_layers(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Tensor,
-               config: RefocusConfig) -> tuple[str, str, frozenset[int], frozenset[int]]:
-    """(text kind, image kind, text layers, image layers) the losses record.
-
-    UNets: the layers at the paper's grid (latent/4 for SD 1.x: 16x16 at 512 px, its 5 layers; latent/2 for
-    SDXL; else the grid nearest to 16x16 of at least 8x8), found by one probing forward ``forward(x, t)``; SD3:
-    every joint block; FLUX: the double-stream blocks (and the single-stream ones with ``config.single_stream``).
-    """
-    if handle.family.name in ("sd3", "flux"):
-        sites = [s for s in handle.sites if s.kind == "joint" and (config.single_stream or s.stream != "single")]
-        layers = config.layers or frozenset(s.layer for s in sites)
-        return "joint", "joint", layers, layers
-    if config.layers is not None:
-        return "cross", "self", config.layers, config.layers
-    grids_of = _probe_grids(handle, forward, x, t)
-    latent = tuple(x.shape[-2:])
-    sdxl = handle.models[0].config.get("addition_embed_type") == "text_time"  # SDXL's micro-conditioning
-    factor = 2 if sdxl else 4  # SDXL: latent / 2; SD 1.x: latent / 4
-    target = tuple(-(-n // factor) for n in latent)
-    grids = {g for s, g in grids_of.items() if s.kind == "cross"}
-    if target in grids and min(target) >= 8:
-        chosen = target
-    else:  # a grid under 8 tokens a side is too coarse to hold a box: the usable grid nearest the paper's 16x16
-        usable = [g for g in grids if min(g) >= 8] or list(grids)
-        chosen = min(usable, key=lambda g: (abs(math.log2(math.sqrt(g[0] * g[1]) / PAPER_GRID)), -g[0] * g[1]))
-    pick = lambda kind: frozenset(s.layer for s, g in grids_of.items() if s.kind == kind and g == chosen)
-    return "cross", "self", pick("cross"), pick("self")
-
-
-def _recorders(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t: torch.Tensor,
-               config: RefocusConfig) -> list[MapRecorder]:
-    """Recorders of exactly the maps the selected losses read, conditional rows only."""
-    text_kind, image_kind, text_layers, image_layers = map_layers(handle, forward, x, t, config)
-    cond = frozenset({"cond"})
-    recorders = []
-    if "car" in config.losses:
-        recorders.append(MapRecorder(kinds=frozenset({text_kind}), layers=text_layers, branches=cond, keys="text"))
-    if "sar" in config.losses:
-        recorders.append(MapRecorder(kinds=frozenset({image_kind}), layers=image_layers, branches=cond, keys="image"))
-    return recorders
-
-
 class _StopForward(Exception):
     """Raised right after the last attention call whose maps the losses read; the forward that raised is done."""
 
