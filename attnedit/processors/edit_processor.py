@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -12,7 +13,19 @@ from .projections import IO, Projected, xformers_attention
 from .ulysses import Unsharded, global_call, ulysses_attention, ulysses_config
 
 if TYPE_CHECKING:
-    from ..install import Installation
+    from ..edits import Edit
+
+
+class EditSource(Protocol):
+    """What a processor reads from the installation that owns it (``attnedit.install.Installation``).
+
+    A protocol, so the processor layer does not import the installer that imports it.
+    """
+
+    backend: str
+    state: Any  # RunState: step, branch and the denoiser's ForwardInfo of the current call
+
+    def edits_at(self, site: Site) -> Sequence[Edit]: ...
 
 
 class EditProcessor:
@@ -26,7 +39,7 @@ class EditProcessor:
     _attention_backend = None  # copied from the processor it replaces (diffusers' dispatcher backends)
     _parallel_config = None
 
-    def __init__(self, site: Site, family: str, installation: Installation, original: Any) -> None:
+    def __init__(self, site: Site, family: str, installation: EditSource, original: Any) -> None:
         self.site = site
         self.family = family
         self.io = IO[family]

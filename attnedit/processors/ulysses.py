@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -28,8 +29,19 @@ from ..attention import attend
 if TYPE_CHECKING:
     from ..edits import Edit
     from ..families import AttentionCall
-    from .edit_processor import EditProcessor
     from .projections import Projected
+
+
+class ShardedProcessor(Protocol):
+    """What the Ulysses path reads from an ``EditProcessor`` (a protocol: the processor imports this module)."""
+
+    site: Any
+    family: str
+    installation: Any
+    _parallel_config: Any
+    native: Callable[..., torch.Tensor]  # (q, k, v, mask, kernel owner): the family's own kernel
+    masked: Callable[..., torch.Tensor]  # the same kernel with an additive/boolean mask
+
 
 FAMILIES = ("wan", "hunyuan_video")  # families whose token layout under context parallelism attnedit knows
 
@@ -44,7 +56,7 @@ class Unsharded:
         self.attention_op = getattr(processor, "attention_op", None)
 
 
-def ulysses_config(processor: EditProcessor) -> Any:
+def ulysses_config(processor: ShardedProcessor) -> Any:
     """The ``ParallelConfig`` when this site's tokens are split across ranks, else None.
 
     Cross-attention keeps its text keys whole on every rank (diffusers' Wan processor passes no parallel config
@@ -141,7 +153,7 @@ def _no_backward(ctx: Any, grad_out: torch.Tensor, *args: Any, **kwargs: Any):
     raise NotImplementedError("attnedit's edited attention under context parallelism has no backward pass (inference only)")
 
 
-def ulysses_attention(processor: EditProcessor, p: Projected, call: AttentionCall, edits: list[Edit]) -> torch.Tensor:
+def ulysses_attention(processor: ShardedProcessor, p: Projected, call: AttentionCall, edits: list[Edit]) -> torch.Tensor:
     """``(B, H, S_local, D)``: the edited attention of this rank's queries, through diffusers' Ulysses all-to-all.
 
     diffusers moves q, k, v (and all-gathers a key mask that covers this rank's keys); attnedit only supplies the op
