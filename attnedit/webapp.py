@@ -148,10 +148,7 @@ def edit_tab(pipe) -> None:
         return None if image is None else {"background": image, "layers": [], "composite": image}
 
     def run(image, value, box_text, operation, dx, dy, scale, direction, amount, steps):
-        # The plain image input is the source: its value reaches the server as soon as it is uploaded, where the
-        # editor's background can arrive late (a frontend race seen in headless browsers).
-        if image is None and value and value.get("background") is not None:
-            image = value["background"]
+        image = tabs.edit_source(image, value)
         mask = tabs.parse_box(box_text)
         mask = tabs.editor_mask(value, like=image) if mask is None else mask
         return tabs.run_edit(pipe, image, mask, operation, dx=dx, dy=dy, scale=scale, direction=direction,

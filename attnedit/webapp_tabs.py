@@ -152,6 +152,17 @@ def preview_layout(boxes: str) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------------------------- DesignEdit
+def edit_source(image: np.ndarray | None, value: dict | None) -> np.ndarray | None:
+    """The image to edit: the plain upload, else the editor's background (the user uploaded into the editor).
+
+    The plain input comes first: its value reaches the server on upload, where the editor's background can
+    arrive late (a frontend race seen in headless browsers).
+    """
+    if image is None and value:
+        return value.get("background")
+    return image
+
+
 def editor_mask(value: dict | None, like: np.ndarray | None = None) -> np.ndarray | None:
     """Bool (H, W) mask painted in a gr.ImageEditor value (any layer's alpha > 0).
 

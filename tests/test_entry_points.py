@@ -103,6 +103,15 @@ def test_editor_mask_reads_layer_alpha_at_background_size():
     assert resized.shape == (48, 96) and resized[6:12, 30:60].all() and resized.sum() == 6 * 30
 
 
+def test_edit_source_prefers_the_plain_upload_then_the_editor_background():
+    from attnedit.webapp_tabs import edit_source
+
+    upload, background = np.zeros((8, 8, 3), np.uint8), np.ones((4, 4, 3), np.uint8)
+    assert edit_source(upload, {"background": background}) is upload
+    assert edit_source(None, {"background": background, "layers": []}) is background
+    assert edit_source(None, None) is None and edit_source(None, {"background": None}) is None
+
+
 @pytest.mark.parametrize("family, operation, direction", [
     ("sd15", "remove", "h"), ("sd15", "move", "h"), ("sd15", "flip", "v"), ("sd15", "pan", "left"),
     ("sd3", "remove", "h"), ("flux", "move", "h"),
