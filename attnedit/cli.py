@@ -43,6 +43,16 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets(args: argparse.Namespace) -> int:
+    """List the shipped head presets: name, family, heads, objective (``--heads NAME`` uses one)."""
+    from .head_guidance import head_presets
+
+    print(f"{'name':12s} {'family':6s} {'heads':14s} objective")
+    for name, preset in head_presets().items():
+        print(f"{name:12s} {preset.get('family', '-'):6s} {preset['spec']:14s} {preset.get('objective', '-')}")
+    return 0
+
+
 def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_model: str | None = None,
               ulysses: int | None = None) -> int:
     """Run one batch task from the command line and save its outputs with their parameters.
@@ -226,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--layout", help="refocusing layout JSON: {prompt, regions: [{phrase, boxes: [[x0,y0,x1,y1]]}]}")
     gen.add_argument("--refocus-steps", type=int, help="steps with latent refocusing (default: min(25, steps/2))")
-    gen.add_argument("--heads", help="perturbed-attention guidance heads, e.g. 'L1H0,L1H1', '7:3', 'L7' or ranking.json")
+    gen.add_argument("--heads", help="perturbed-attention guidance heads, e.g. 'L1H0,L1H1', '7:3', 'L7', ranking.json or a preset "
+                     "(attnedit presets)")
     gen.add_argument("--pag-scale", type=float, help="guidance scale of the perturbed branch (default 3.0)")
     gen.add_argument("--pag-strength", type=float, help="SoftPAG u in [0, 1] (default 1.0)")
     _model_options(gen)
@@ -283,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     sites = sub.add_parser("sites", help="list a model's editable attention sites (kind, layer, heads)")
     _model_options(sites)
     sites.set_defaults(run=_sites)
+    presets = sub.add_parser("presets", help="list the shipped head presets (heads a search found; --heads NAME)")
+    presets.set_defaults(run=_presets)
     app = sub.add_parser("app", help="start the web app on 127.0.0.1")
     app.add_argument("--model", help="hub id, local folder or tiny:<family>")
     app.add_argument("--port", type=int, default=7860)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -40,7 +41,7 @@ from .families import Site
 from .install import Installation, _unwrap_compiled, install
 
 __all__ = [
-    "PERTURBED_KIND", "SoftPAG", "format_heads", "load_heads", "parse_heads", "perturbed_guidance",
+    "PERTURBED_KIND", "SoftPAG", "format_heads", "head_presets", "load_heads", "parse_heads", "perturbed_guidance",
     "resolve_heads", "soft_pag",
 ]
 
@@ -49,6 +50,7 @@ PERTURBED_KIND = {"unet": "self", "sd3": "joint", "flux": "joint", "wan": "self"
 HeadSpec = Any  # str | list[(layer, head | None)] | dict[int, tuple[int, ...] | None] | path to a ranking JSON
 _ITEM = re.compile(r"^(?:(\d+):(\d+|\*)|L(\d+)(?:H(\d+))?)$", re.IGNORECASE)
 _HOOK = "attnedit_pag"
+PRESETS = pathlib.Path(__file__).parent / "presets"  # HeadHunter rankings shipped per model: <model>.json
 
 
 # ------------------------------------------------------------------------------------------- head-set syntax
@@ -56,10 +58,13 @@ def parse_heads(spec: HeadSpec) -> list[tuple[int, int | None]]:
     """Parse a head set into sorted (layer, head) pairs; head None = every head of that layer.
 
     Accepts ``"7:3,9:12"``, ``"L7H3 L9H12"``, ``"L7"`` / ``"7:*"`` (all heads of layer 7), a list of pairs, a
-    ``{layer: heads | None}`` dict, or the path of a HeadHunter ranking JSON.
+    ``{layer: heads | None}`` dict, the path of a HeadHunter ranking JSON, or a shipped preset's name
+    (:func:`head_presets`, e.g. ``"shapes-t2i"``).
     """
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith(".json")):
         return parse_heads(load_heads(spec))
+    if isinstance(spec, str) and spec.strip() in head_presets():
+        return parse_heads(load_heads(PRESETS / f"{spec.strip()}.json"))
     if isinstance(spec, dict):
         pairs = [(k, h) for k, hs in spec.items() for h in ([None] if hs is None else hs)]
     elif isinstance(spec, str):
@@ -81,7 +86,8 @@ def parse_heads(spec: HeadSpec) -> list[tuple[int, int | None]]:
 def _parse_item(item: str) -> tuple[int, int | None]:
     match = _ITEM.match(item)
     if match is None:
-        raise ValueError(f"head {item!r} is not 'layer:head' (7:3), 'layer:*' (7:*), 'L<layer>H<head>' (L7H3) or 'L<layer>' (L7)")
+        raise ValueError(f"head {item!r} is not 'layer:head' (7:3), 'layer:*' (7:*), 'L<layer>H<head>' (L7H3), 'L<layer>' (L7) "
+                         f"or a preset ({', '.join(sorted(head_presets())) or 'none shipped'})")
     a, b, c, d = match.groups()
     if a is not None:
         return int(a), None if b == "*" else int(b)
@@ -113,8 +119,22 @@ def load_heads(path: str | os.PathLike) -> list[tuple[int, int]]:
     return [_pair(p) for p in data["heads"]]
 
 
+def head_presets() -> dict[str, dict[str, Any]]:
+    """The shipped head presets, ``{name: ranking}``: the heads a HeadHunter search found for that model (with
+    its family, objective, search settings and held-out evaluation), nameable wherever heads are taken."""
+    presets = {}
+    for path in sorted(PRESETS.glob("*.json")):
+        with open(path, encoding="utf-8") as f:
+            presets[path.stem] = json.load(f)
+    return presets
+
+
 def resolve_heads(spec: HeadSpec, sites: list[Site], family: str) -> dict[int, tuple[int, ...]]:
     """Validate a head set against a model's sites; returns ``{layer: heads}`` with whole layers expanded."""
+    preset = head_presets().get(spec.strip()) if isinstance(spec, str) else None
+    if preset is not None and preset.get("family") not in (None, family):
+        raise ValueError(f"heads={spec!r} is the preset of {preset.get('model')} (a {preset['family']} model); "
+                         f"this model is {family}: search its own heads (attnedit heads) or name them")
     kind = PERTURBED_KIND[family]
     counts = {s.layer: s.heads for s in sites if s.kind == kind}
     resolved: dict[int, set[int]] = {}

@@ -52,6 +52,12 @@ def test_video_writes_mp4_and_frames(tmp_path, radial):
     assert len(frames) == 5 and read_png_parameters(frames[0])["radial"] is radial
 
 
+def test_presets_lists_the_shipped_head_presets(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes-t2i   unet   0:4,5:0,5:1" in out and "shapes-dit   sd3    0:0,0:2,2:0" in out
+
+
 def test_heads_search_writes_a_ranking(tmp_path, capsys):
     assert main(["heads", "--model", "tiny:sd3", "--prompt", "a cat", "--layers", "1", "--steps", "2",
                  "--workdir", str(tmp_path)]) == 0

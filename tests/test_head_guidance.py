@@ -14,6 +14,7 @@ from attnedit.families import AttentionCall, Site
 from attnedit.head_guidance import (
     SoftPAG,
     format_heads,
+    head_presets,
     parse_heads,
     perturbed_guidance,
     resolve_heads,
@@ -50,6 +51,47 @@ def test_resolve_heads_validates_against_sites(tiny_pipe):
         resolve_heads("5:0", sites, "sd3")
     with pytest.raises(ValueError, match=r"names head 4 of layer 1; it has heads 0..3"):
         resolve_heads("L1H4", sites, "sd3")
+
+
+def test_shipped_presets_name_the_heads_their_search_found():
+    presets = head_presets()
+    assert {"shapes-t2i", "shapes-dit"} <= set(presets)
+    assert parse_heads("shapes-t2i") == [(0, 4), (5, 0), (5, 1)]  # the search of benchmarks/effect_head_guidance.py
+    assert format_heads("shapes-dit") == "0:0,0:2,2:0" == presets["shapes-dit"]["spec"]
+    for preset in presets.values():  # a preset carries how it was found and what it did on held-out captions
+        assert {"model", "family", "objective", "search", "held_out"} <= set(preset)
+
+
+def test_a_preset_is_validated_against_the_model_family(tiny_pipe):
+    from attnedit.builtin import load_builtin
+
+    with install(load_builtin("shapes-dit")) as handle:
+        assert resolve_heads("shapes-dit", handle.sites, "sd3") == {0: (0, 2), 2: (0,)}
+    with install(tiny_pipe("sd3")) as handle:
+        sites = handle.sites
+    with pytest.raises(ValueError, match=r"names layer 2; sd3 has joint-attention layers 0..1"):
+        resolve_heads("shapes-dit", sites, "sd3")  # same family, but the tiny model has 2 blocks
+    with pytest.raises(ValueError, match=r"'shapes-t2i' is the preset of shapes-t2i \(a unet model\); this model is sd3"):
+        resolve_heads("shapes-t2i", sites, "sd3")
+    with pytest.raises(ValueError, match=r"or a preset \(shapes-dit, shapes-t2i"):
+        parse_heads("shapes-xl")
+
+
+def test_guidance_by_preset_name_equals_guidance_by_its_heads():
+    from attnedit.builtin import load_builtin
+
+    pipe = load_builtin("shapes-t2i")
+    pipe.set_progress_bar_config(disable=True)
+    outputs = []
+    for heads in ("shapes-t2i", "0:4,5:0,5:1"):
+        with perturbed_guidance(pipe, heads, scale=2.0):
+            outputs.append(pipe("a red circle", num_inference_steps=3, guidance_scale=4.0, output_type="latent",
+                                generator=torch.Generator().manual_seed(0)).images)
+    with torch.no_grad():
+        plain = pipe("a red circle", num_inference_steps=3, guidance_scale=4.0, output_type="latent",
+                     generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert (outputs[0] - plain).abs().max() > 1e-4  # the preset's heads are perturbed
 
 
 def test_softpag_edit_arguments():
