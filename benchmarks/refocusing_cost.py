@@ -13,6 +13,12 @@ iterations in steps 0-4 and 1 after, CAR + SAR, early stop at loss < 0.1 or ever
   set size after loading the pipeline (``extra``: what the generation itself added). On CUDA
   (``--device cuda``) ``torch.cuda.max_memory_allocated`` is reported instead.
 
+``--breakdown`` (written to ``refocusing_cost_breakdown.json``, without the timings above) splits refocused
+generation per model by CPU time (medians of ``--rounds`` alternating plain/refocused runs): the prefix forwards, their backward passes, the losses, and the rest (setup,
+probe, per-step installation), and sets them against the plain generation and one full conditional forward. It
+says why a ratio is what it is: with ``n`` iterations of cost ``c`` each, refocused / plain >= 1 + n c / plain,
+whatever the rest costs.
+
 ``--flops`` adds a FLOP count of plain vs refocused generation for the published SD 1.5 (512 px), SDXL (1024 px)
 and FLUX.1 (1024 px) architectures, built on the meta device (no weights, no compute): the refocusing forward and
 backward as the pipeline runs them (probe, prefix, recorded layers on the dense path), times the iterations of the
@@ -29,6 +35,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -110,6 +117,81 @@ def time_worker(args: argparse.Namespace) -> dict:
 
     _, plain, refocused = _setup(args)
     return compare(plain, refocused, rounds=args.rounds, repeats=1, warmup=1, device=args.device, clock=args.clock)
+
+
+def breakdown_worker(args: argparse.Namespace) -> dict:
+    """CPU seconds of one refocused generation by part (instrumented), against the plain one and a full forward."""
+    import torch
+
+    import attnedit.refocusing as rf
+    from attnedit.pipelines import refocusing as pr
+
+    pipe, plain, refocused = _setup(args)
+    spent: dict[str, float] = {"prefix_forward": 0.0, "backward": 0.0, "loss": 0.0}
+    counts: dict[str, int] = dict.fromkeys(spent, 0)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            start = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.process_time() - start
+                counts[name] += 1
+        return wrapper
+
+    originals = (pr._Refocuser._run, rf.refocus_loss, torch.autograd.grad)
+    pr._Refocuser._run = timed("prefix_forward", originals[0])
+    rf.refocus_loss = timed("loss", originals[1])
+    torch.autograd.grad = timed("backward", originals[2])  # refocus_latents' one gradient call per iteration
+    rounds = []
+    try:
+        plain(), refocused()  # warm-up (caches, probe)
+        for _ in range(args.rounds):  # alternate, then take medians: slow drifts of a shared machine hit both sides
+            for key in spent:
+                spent[key], counts[key] = 0.0, 0
+            start = time.process_time()
+            plain()
+            plain_s = time.process_time() - start
+            start = time.process_time()
+            refocused()
+            rounds.append({"plain_s": plain_s, "refocused_s": time.process_time() - start, **spent})
+    finally:
+        pr._Refocuser._run, rf.refocus_loss, torch.autograd.grad = originals
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    plain_s, refocused_s = median["plain_s"], median["refocused_s"]
+    spent = {key: median[key] for key in spent}
+    full_s = _full_conditional_forward_s(pipe, args)
+    work = spent["prefix_forward"] + spent["backward"] + spent["loss"]  # the refocusing iterations themselves
+    return {"rounds": len(rounds), "plain_s": plain_s, "refocused_s": refocused_s, "ratio": refocused_s / plain_s,
+            "plain_step_s": plain_s / args.steps, "calls": counts, "seconds": spent,
+            "per_call_s": {k: v / max(counts[k], 1) for k, v in spent.items()},
+            "other_s": refocused_s - plain_s - work,
+            "full_conditional_forward_s": full_s,
+            "prefix_share_of_full_forward": spent["prefix_forward"] / max(counts["prefix_forward"], 1) / full_s,
+            "ratio_floor": 1 + work / plain_s, "work_budget_for_1_6_s": 0.6 * plain_s}
+
+
+def _full_conditional_forward_s(pipe, args: argparse.Namespace) -> float:
+    """CPU seconds of one whole conditional (batch 1) denoiser forward, no gradients, stock processors."""
+    import torch
+
+    from attnedit.families import detect_family
+    from attnedit.pipelines import refocusing as pr
+    from attnedit.zoo import denoiser
+
+    family = detect_family(denoiser(pipe)).name
+    size = SIZES.get(args.model, args.size)
+    size = (size, size)
+    forward = pr._conditioner(pipe, family, "a red cat sitting on a blue square", size, 32)
+    x = pr._initial_noise(pipe, family, denoiser(pipe), size, torch.Generator().manual_seed(0))
+    t = pr._timesteps(pipe, family, args.steps, x)[0]
+    with torch.no_grad():
+        forward(x, t)
+        start = time.process_time()
+        for _ in range(5):
+            forward(x, t)
+    return (time.process_time() - start) / 5
 
 
 def _child(args: argparse.Namespace, model: str, worker: str) -> dict:
@@ -240,15 +322,32 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the refocused run")
     parser.add_argument("--flops", action="store_true", help="also count FLOPs of published architectures (meta)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only split refocused generation by part (refocusing_cost_breakdown.json)")
     parser.add_argument("--out", default=None, help="results name (default refocusing_cost[_checkpointing])")
-    parser.add_argument("--worker", choices=["plain", "refocused", "time"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["plain", "refocused", "time", "breakdown"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.model = args.models[0]
-        print(json.dumps(time_worker(args) if args.worker == "time" else memory_worker(args)))
+        workers = {"time": time_worker, "breakdown": breakdown_worker}
+        print(json.dumps(workers.get(args.worker, memory_worker)(args)))
         return
     sys.path.insert(0, os.path.dirname(__file__))
     from harness import write_results
+
+    if args.breakdown:
+        parts = {"steps": args.steps, "refocus_steps": args.refocus_steps, "clock": "process", "models": {}}
+        for model in args.models:
+            row = parts["models"][model] = _child(args, model, "breakdown")
+            per, n = row["per_call_s"], row["calls"]
+            print(f"{model}: plain {row['plain_s']:.2f}s, refocused {row['refocused_s']:.2f}s (x{row['ratio']:.2f}); "
+                  f"{n['prefix_forward']} forwards of {1e3 * per['prefix_forward']:.1f} ms, {n['backward']} backwards of "
+                  f"{1e3 * per['backward']:.1f} ms, losses {1e3 * per['loss']:.1f} ms; that work alone: floor "
+                  f"x{row['ratio_floor']:.2f} (x1.6 allows {row['work_budget_for_1_6_s']:.2f}s of it); other "
+                  f"{row['other_s']:.2f}s; prefix = {row['prefix_share_of_full_forward']:.2f} of a full forward",
+                  flush=True)
+        print(write_results(args.out or "refocusing_cost_breakdown", parts))
+        return
 
     results = {"steps": args.steps, "refocus_steps": args.refocus_steps, "checkpointing": args.checkpointing,
                "clock": args.clock, "device": args.device,
