@@ -2,7 +2,7 @@
 
 import sys
 
-from attnedit.webapp import main
+from attnedit.surfaces.webapp import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Does SoftPAG on HeadHunter-chosen heads raise prompt fidelity of the trained shapes-t2i model?
 
-Quality score: :func:`attnedit.world.fidelity` of each generated 64x64 image against the scene its caption asks
-for (:func:`attnedit.world.parse_caption`): right colours at a plausible size, right shapes, no extra colours.
+Quality score: :func:`attnedit.shapes.world.fidelity` of each generated 64x64 image against the scene its caption asks
+for (:func:`attnedit.shapes.world.parse_caption`): right colours at a plausible size, right shapes, no extra colours.
 
 1. *Search*: HeadHunter (greedy, ``--rounds`` rounds adding ``--top-k`` heads each; default one round, top 3)
    over the UNet's self-attention heads (7 layers x 8 heads; layer = index among attn1 sites: 0-1 down, 2 mid,
@@ -47,10 +47,10 @@ import numpy as np
 import torch
 from harness import RESULTS, machine, write_results
 
-from attnedit import world
-from attnedit.builtin import CALL_DEFAULTS, load_builtin
-from attnedit.head_guidance import format_heads, perturbed_guidance
-from attnedit.headhunter import HeadHunter
+from attnedit.methods.head_guidance import format_heads, perturbed_guidance
+from attnedit.methods.headhunter import HeadHunter
+from attnedit.shapes import world
+from attnedit.shapes.builtin import CALL_DEFAULTS, load_builtin
 
 NAME = "effect_head_guidance"
 SEARCH_SCENES, EVAL_SCENES = 0, 100_000  # first scene seed of each prompt set (disjoint ranges)

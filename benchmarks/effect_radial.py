@@ -1,6 +1,6 @@
 """Radial attention on the trained shapes-t2v model: how close the radial video stays to the dense one, and the speedup.
 
-Prompts are moving-shape captions from :mod:`attnedit.world` (a scene seed disjoint from training). For each video
+Prompts are moving-shape captions from :mod:`attnedit.shapes.world` (a scene seed disjoint from training). For each video
 length (9 frames = the 5 latent frames the model was trained on, and longer ones it has to extrapolate to, where
 the radial mask is sparser) and each prompt, the stock pipeline (dense attention) and ``generate_radial`` run from
 the same seed, in two radial variants:
@@ -46,10 +46,11 @@ import numpy as np
 import torch
 from harness import captured_forward, compare, write_results
 
-from attnedit import install, world
-from attnedit.builtin import CALL_DEFAULTS, TEXT_LENGTH, load_builtin, model_path
+from attnedit import install
+from attnedit.methods.radial import RadialAttention, radial_block_mask
 from attnedit.pipelines.radial import generate_radial
-from attnedit.radial import RadialAttention, radial_block_mask
+from attnedit.shapes import world
+from attnedit.shapes.builtin import CALL_DEFAULTS, TEXT_LENGTH, load_builtin, model_path
 
 MODEL = "shapes-t2v"
 TOKENS_PER_FRAME = 64  # 32x32 pixels, VAE 4x spatial, patch (1, 1, 1): 8x8 tokens per latent frame

@@ -1,6 +1,6 @@
 """Attention refocusing on the trained shapes-t2i model: how often each object lands in its layout box.
 
-Layouts come from the shapes world (:mod:`attnedit.world`): two-object scenes whose caption names the objects
+Layouts come from the shapes world (:mod:`attnedit.shapes.world`): two-object scenes whose caption names the objects
 but not where they are ("a big red circle and a small blue square on a gray background"), so only the layout
 tells the model the positions. Each phrase ("red circle") gets its ground-truth box. Plain sampling and refocused
 sampling start from the same seed; the world's colour detector finds each object in the output. An object
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from harness import summarize, write_results
 
-from attnedit import world
-from attnedit.builtin import CALL_DEFAULTS, call_options, load_builtin
+from attnedit.methods.refocusing import Layout, RefocusConfig
 from attnedit.pipelines.refocusing import refocus
-from attnedit.refocusing import Layout, RefocusConfig
+from attnedit.shapes import world
+from attnedit.shapes.builtin import CALL_DEFAULTS, call_options, load_builtin
 
 
 def layouts(count: int, seed: int) -> list[tuple[world.Scene, Layout]]:

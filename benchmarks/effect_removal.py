@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from harness import summarize, write_results
 
-from attnedit import world
-from attnedit.builtin import EDIT_DEFAULTS, load_builtin
 from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor
+from attnedit.shapes import world
+from attnedit.shapes.builtin import EDIT_DEFAULTS, load_builtin
 
 GONE_BELOW = 0.2  # fraction of the source's object pixels (inside the mask) that may remain
 

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from harness import RESULTS, compare, machine
 
 from attnedit import BlockMask, HeadBlend, KeyMask, install
-from attnedit.architectures import ARCHITECTURES
-from attnedit.attention import flex_attention, flex_block_mask
-from attnedit.block_sparse import block_sparse_attention
-from attnedit.head_guidance import perturbed_guidance
-from attnedit.radial import PRESETS, RadialAttention, radial_block_mask
+from attnedit.core.attention import flex_attention, flex_block_mask
+from attnedit.core.block_sparse import block_sparse_attention
+from attnedit.methods.head_guidance import perturbed_guidance
+from attnedit.methods.radial import PRESETS, RadialAttention, radial_block_mask
+from attnedit.models.architectures import ARCHITECTURES
 
 Geometry = namedtuple("Geometry", "name frames per_frame heads head_dim family")
 GEOMETRIES = (  # latent frames x tokens per frame (16 x 16 pixels per token), the real head layout
@@ -206,7 +206,7 @@ def _to(obj, device):
 
 @functools.cache
 def _tiny(family: str) -> torch.nn.Module:
-    from attnedit import zoo
+    from attnedit.models import zoo
 
     return zoo.denoiser(zoo.build_pipeline(family)).eval()
 

@@ -20,7 +20,7 @@ import torch
 from effect_head_guidance import EVAL_NOISE, EVAL_SCENES, captions, evaluate, summary
 from harness import RESULTS, write_results
 
-from attnedit.builtin import CALL_DEFAULTS, load_builtin
+from attnedit.shapes.builtin import CALL_DEFAULTS, load_builtin
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch
 from harness import write_results
 
-from attnedit import zoo
+from attnedit.models import zoo
 from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor
 
 

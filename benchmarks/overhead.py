@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch
 from harness import captured_forward, compare, write_results
 
-from attnedit import install, zoo
+from attnedit import install
+from attnedit.models import zoo
 
 SIZES = {  # pipeline kwargs that set the token count of the captured forward
     "sd15": {"height": 256, "width": 256},

@@ -21,8 +21,8 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from harness import captured_forward, compare, write_results
 
-from attnedit import zoo
-from attnedit.head_guidance import perturbed_guidance
+from attnedit.methods.head_guidance import perturbed_guidance
+from attnedit.models import zoo
 
 
 def bench_pipeline(layers: int, heads: int, head_dim: int) -> StableDiffusion3Pipeline:

@@ -2,7 +2,7 @@
 
 Same process, A/B interleaved (benchmarks/harness.py). For each video geometry (latent frames x tokens per frame)
 the radial block mask (block 128, Wan settings: gamma 0.2, sink) is built once; the variant is
-``attnedit.block_sparse.block_sparse_attention`` (CPU) or FlexAttention with that BlockMask (``--device cuda``), the
+``attnedit.core.block_sparse.block_sparse_attention`` (CPU) or FlexAttention with that BlockMask (``--device cuda``), the
 baseline is ``F.scaled_dot_product_attention`` on the same q, k, v. Reported: speedup = dense / sparse next to the
 ideal 1 / density and their quotient ("fraction of ideal"). Target on CPU: >= 0.6 of ideal at density <= 0.35 and
 >= 16k tokens. Run: ``flock /tmp/attnedit-bench.lock python benchmarks/radial_attention.py``.
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from harness import compare, write_results
 
 from attnedit import BlockMask
-from attnedit.attention import flex_attention
-from attnedit.block_sparse import block_sparse_attention
-from attnedit.radial import radial_block_mask
+from attnedit.core.attention import flex_attention
+from attnedit.core.block_sparse import block_sparse_attention
+from attnedit.methods.radial import radial_block_mask
 
 CPU_GEOMETRIES = ((32, 256), (16, 512), (64, 256), (32, 512), (96, 256), (21, 1560))
 # Wan 2.1 1.3B: 81 frames -> 21 latent frames; 480x832 -> 30x52 = 1560, 720x1280 -> 45x80 = 3600 tokens per frame

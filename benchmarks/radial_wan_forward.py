@@ -21,7 +21,7 @@ from diffusers import WanTransformer3DModel
 from harness import compare, write_results
 
 from attnedit import install
-from attnedit.radial import RadialAttention, radial_block_mask
+from attnedit.methods.radial import RadialAttention, radial_block_mask
 
 
 def build(args: argparse.Namespace) -> tuple[WanTransformer3DModel, dict]:

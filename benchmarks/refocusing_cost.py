@@ -56,9 +56,9 @@ def _setup(args: argparse.Namespace):
     """(pipe, layout, config, plain(), refocused()) for one model, one torch thread."""
     import torch
 
-    from attnedit import zoo
+    from attnedit.methods.refocusing import Layout, RefocusConfig
+    from attnedit.models import zoo
     from attnedit.pipelines.refocusing import refocus
-    from attnedit.refocusing import Layout, RefocusConfig
 
     torch.set_num_threads(1)
     size = SIZES.get(args.model, args.size)
@@ -67,7 +67,7 @@ def _setup(args: argparse.Namespace):
         sys.path.insert(0, os.path.dirname(__file__))
         from effect_refocusing import layouts
 
-        from attnedit.builtin import CALL_DEFAULTS, load_builtin
+        from attnedit.shapes.builtin import CALL_DEFAULTS, load_builtin
 
         pipe = load_builtin(args.model)
         layout = layouts(1, seed=1234)[0][1]  # the first layout of effect_refocusing.py
@@ -123,7 +123,7 @@ def breakdown_worker(args: argparse.Namespace) -> dict:
     """CPU seconds of one refocused generation by part (instrumented), against the plain one and a full forward."""
     import torch
 
-    import attnedit.refocusing as rf
+    import attnedit.methods.refocusing as rf
     from attnedit.pipelines import refocusing as pr
 
     pipe, plain, refocused = _setup(args)
@@ -176,9 +176,9 @@ def _full_conditional_forward_s(pipe, args: argparse.Namespace) -> float:
     """CPU seconds of one whole conditional (batch 1) denoiser forward, no gradients, stock processors."""
     import torch
 
-    from attnedit.families import detect_family
+    from attnedit.core.families import detect_family
+    from attnedit.models.zoo import denoiser
     from attnedit.pipelines import refocusing as pr
-    from attnedit.zoo import denoiser
 
     family = detect_family(denoiser(pipe)).name
     size = SIZES.get(args.model, args.size)
@@ -208,7 +208,7 @@ def _child(args: argparse.Namespace, model: str, worker: str) -> dict:
 # ------------------------------------------------------------------------------------------ FLOPs on meta
 def flop_counts(steps: int = 50, refocus_steps: int = 25) -> dict:
     """FLOPs of plain and refocused generation for published architectures (meta device, no weights)."""
-    from attnedit.refocusing import RefocusConfig
+    from attnedit.methods.refocusing import RefocusConfig
 
     config = RefocusConfig(refocus_steps=refocus_steps)
     iterations = sum(config.max_iterations(i) for i in range(refocus_steps))
@@ -240,9 +240,9 @@ def _architecture_flops(name: str, family: str, size: tuple[int, int], cfg_batch
     import torch
 
     from attnedit import install
-    from attnedit.architectures import get_architecture
+    from attnedit.methods.refocusing import Layout, TokenLayout
+    from attnedit.models.architectures import get_architecture
     from attnedit.pipelines import refocusing as pr
-    from attnedit.refocusing import Layout, TokenLayout
 
     layout = Layout.from_dict(LAYOUT)
     tokens = TokenLayout(tuple(range(1, 9)), ((1, 2), (6, 7)))  # CLIP positions of the layout's phrases
@@ -288,7 +288,7 @@ def _architecture_flops(name: str, family: str, size: tuple[int, int], cfg_batch
 
 
 def _meta_family():
-    from attnedit.families import Family
+    from attnedit.core.families import Family
 
     @dataclasses.dataclass(frozen=True)
     class MetaFamily(Family):

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from harness import compare, write_results
 
-from attnedit import zoo
-from attnedit.key_masking import box_mask
+from attnedit.methods.key_masking import box_mask
+from attnedit.models import zoo
 from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor
 
 

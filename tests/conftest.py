@@ -19,7 +19,7 @@ def zoo_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipe(zoo_dir):
     """Factory: tiny_pipe(family) -> the family's tiny pipeline, saved then loaded once per session."""
-    from attnedit import zoo
+    from attnedit.models import zoo
 
     cache = {}
 

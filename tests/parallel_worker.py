@@ -20,10 +20,11 @@ import torch
 
 torch.set_num_threads(1)
 
-from attnedit import AttentionRecorder, KeyMask, install, zoo
-from attnedit.head_guidance import perturbed_guidance, soft_pag
+from attnedit import AttentionRecorder, KeyMask, install
+from attnedit.methods.head_guidance import perturbed_guidance, soft_pag
+from attnedit.methods.radial import RadialAttention
+from attnedit.models import zoo
 from attnedit.pipelines.radial import generate_radial
-from attnedit.radial import RadialAttention
 
 GEOMETRY = {  # 9 latent frames x 16 tokens: radial blocks of 16 keep 68% (wan) / 72% (hunyuan_video) of the video
     "wan": {"height": 64, "width": 64, "num_frames": 33},
@@ -52,7 +53,7 @@ def stock(pipe, family: str, results: dict) -> None:
 def run_family(family: str, parallel: int | None, results: dict) -> None:
     pipe = zoo.build_pipeline(family)
     if parallel and family == "wan":  # Wan: parallel first, edits after; HunyuanVideo: enabled inside install()
-        from attnedit.parallel import enable_ulysses
+        from attnedit.core.parallel import enable_ulysses
 
         enable_ulysses(pipe, parallel)
         stock(pipe, family, results)
@@ -84,7 +85,7 @@ def run_family(family: str, parallel: int | None, results: dict) -> None:
 def main(out: str) -> None:
     parallel = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel > 1:
-        from attnedit.parallel import init_distributed
+        from attnedit.core.parallel import init_distributed
 
         init_distributed("cpu")
     results: dict = {}

@@ -25,8 +25,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url():
-    from attnedit.builtin import load_builtin
-    from attnedit.webapp import build_app
+    from attnedit.shapes.builtin import load_builtin
+    from attnedit.surfaces.webapp import build_app
 
     demo = build_app(load_builtin("shapes-t2i"), "shapes-t2i")  # the app's default model
     demo.queue(default_concurrency_limit=1, max_size=16)
@@ -122,7 +122,7 @@ def test_grounded_bad_box_shows_a_message(page):
 def test_edit_uploads_an_image_and_removes_a_box(page, tmp_path):
     from PIL import Image
 
-    from attnedit import world
+    from attnedit.shapes import world
 
     source = tmp_path / "source.png"  # a real image for the model: rendered, not generated
     scene = world.Scene((world.Shape("circle", "red", "big", 0.4, 0.5), world.Shape("square", "blue", "small", 0.8, 0.5)))

@@ -1,7 +1,7 @@
 """Every family at its published widths: site tables at full depth (meta device) and real-width forwards.
 
 Full depth: each published config is built on the meta device (no memory) and the sites the adapters find are
-compared, module by module, with the architecture written out from the config (attnedit.architectures) and with
+compared, module by module, with the architecture written out from the config (attnedit.models.architectures) and with
 the counts stated in the README. Reduced depth: every width, head count, head dim and norm as published, 1-2
 blocks of each kind, random weights on the CPU, one forward at a small latent size per check.
 """
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from attnedit import AttentionRecorder, HeadBlend, KeyMask, install
-from attnedit.architectures import ARCHITECTURES, meta_denoiser
-from attnedit.families import detect_family
-from attnedit.head_guidance import PERTURBED_KIND, perturbed_guidance
-from attnedit.radial import PRESETS, RadialAttention, radial_block_mask
+from attnedit.core.families import detect_family
+from attnedit.methods.head_guidance import PERTURBED_KIND, perturbed_guidance
+from attnedit.methods.radial import PRESETS, RadialAttention, radial_block_mask
+from attnedit.models.architectures import ARCHITECTURES, meta_denoiser
 
 NAMES = list(ARCHITECTURES)
 
@@ -87,8 +87,8 @@ def test_numbering_is_what_the_readme_says():
 ])
 def test_refocusing_picks_the_papers_maps_at_full_depth(name, size, expected):
     """Map selection probes one forward; on the meta device the full model runs it at native resolution for free."""
+    from attnedit.methods.refocusing import RefocusConfig
     from attnedit.pipelines.refocusing import map_layers
-    from attnedit.refocusing import RefocusConfig
 
     arch = ARCHITECTURES[name]
     model = arch.build("full", device="meta")
@@ -132,7 +132,7 @@ def test_unknown_architectures_get_one_clear_error():
                                          r"supported families: unet .*flux \(FluxTransformer2DModel\)"):
         install(model)
     with pytest.raises(ValueError, match="unknown architecture 'flux2'"):
-        from attnedit.architectures import get_architecture
+        from attnedit.models.architectures import get_architecture
 
         get_architecture("flux2")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from attnedit.cli import main
-from attnedit.outputs import read_png_parameters
+from attnedit.surfaces.cli import main
+from attnedit.surfaces.outputs import read_png_parameters
 
 
 def write_jobs(path: Path, jobs: list[dict]) -> Path:
@@ -77,7 +77,7 @@ def test_missing_job_file_exits_2(tmp_path, capsys):
 
 
 def _cli(*args: str, env: dict | None = None) -> list[str]:
-    return [sys.executable, "-m", "attnedit.cli", *args]
+    return [sys.executable, "-m", "attnedit", *args]
 
 
 def test_resume_after_kill_loses_and_redoes_nothing(tmp_path):
@@ -107,7 +107,7 @@ def test_two_process_accelerate_run_shards_jobs(tmp_path):
     env = {**os.environ, "ATTNEDIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     # accelerate's multi-process launcher is `--multi_gpu`; without CUDA it runs CPU processes over gloo
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "attnedit.cli", "batch", str(spec), "--out", str(out), "--device", "cpu"]
+               "--dynamo_backend", "no", "-m", "attnedit", "batch", str(spec), "--out", str(out), "--device", "cpu"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     ranks = [json.loads((out / f".summary.{r}.json").read_text())["done"] for r in range(2)]

@@ -11,8 +11,8 @@ import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline
 
-from attnedit import builtin, training, world
-from attnedit.cli import main
+from attnedit.shapes import builtin, training, world
+from attnedit.surfaces.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_dit_removes_with_the_key_mask_alone(dit):
 
     scene = world.Scene((world.Shape("circle", "red", "big", 0.3, 0.5), world.Shape("square", "blue", "big", 0.75, 0.5)))
     source, mask = scene.render(64), scene.masks(64)[0]
-    red = lambda image: int((world.colour_labels(image) == list(world.COLOURS).index("red")).sum())  # noqa: E731
+    red = lambda image: int((world.colour_labels(image) == list(world.COLOURS).index("red")).sum())
     config = DesignEditConfig(num_steps=20, **builtin.EDIT_DEFAULTS["shapes-dit"])
     masked = np.asarray(DesignEditor(dit, config).remove(source, mask, 7))
     unmasked = np.asarray(DesignEditor(dit, DesignEditConfig(num_steps=20, mask_until=0.0, guidance_scale=1.0,
@@ -108,9 +108,9 @@ def test_t2i_single_objects_have_the_asked_colour_and_shape(t2i):
 
 def test_t2i_cross_attention_localizes_on_the_object(t2i):
     """The premise of refocusing: a colour word's cross-attention is denser on its object than elsewhere."""
-    from attnedit.attention_maps import token_heatmaps
-    from attnedit.edits import AttentionRecorder
-    from attnedit.install import install
+    from attnedit.core.edits import AttentionRecorder
+    from attnedit.core.install import install
+    from attnedit.methods.attention_maps import token_heatmaps
 
     prompt = "a big red circle and a small blue square"
     tokens = t2i.tokenizer.convert_ids_to_tokens(t2i.tokenizer(prompt).input_ids)
@@ -133,8 +133,8 @@ def test_refocusing_moves_objects_into_their_boxes():
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
     from effect_refocusing import layouts, score
 
+    from attnedit.methods.refocusing import RefocusConfig
     from attnedit.pipelines.refocusing import refocus
-    from attnedit.refocusing import RefocusConfig
 
     pipe = builtin.load_builtin("shapes-t2i")
     plain, focused = [], []
@@ -178,7 +178,7 @@ def test_radial_video_stays_close_to_the_dense_one(t2v):
 
 
 def test_cli_generate_defaults_to_the_builtin_model(tmp_path):
-    from attnedit.outputs import read_png_parameters
+    from attnedit.surfaces.outputs import read_png_parameters
 
     out = tmp_path / "shapes.png"
     assert main(["generate", "a red circle left of a blue square", "--out", str(out)]) == 0
@@ -243,7 +243,7 @@ def test_cli_hole_noise_reaches_the_editor(tmp_path, capsys):
 def test_cli_generate_with_the_dit(tmp_path):
     from PIL import Image
 
-    from attnedit.outputs import read_png_parameters
+    from attnedit.surfaces.outputs import read_png_parameters
 
     out = tmp_path / "dit.png"
     assert main(["generate", "--model", "shapes-dit", "a big red circle", "--steps", "20", "--out", str(out)]) == 0
@@ -253,7 +253,7 @@ def test_cli_generate_with_the_dit(tmp_path):
 
 def test_dit_phrase_positions_follow_its_clip_length(dit):
     """SD3's joint text keys are [CLIP tokens, T5 tokens]: T5 positions start at the CLIP length (24 here, 77 real)."""
-    from attnedit.refocusing import Layout, token_layout
+    from attnedit.methods.refocusing import Layout, token_layout
 
     layout = Layout("a red circle and a blue square", [("red circle", [(0, 0, 0.5, 1)]), ("blue square", [(0.5, 0, 1, 1)])])
     tokens = token_layout(dit, layout, max_sequence_length=builtin.TEXT_LENGTH)

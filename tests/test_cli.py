@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from attnedit.cli import main
-from attnedit.outputs import read_png_parameters
+from attnedit.surfaces.cli import main
+from attnedit.surfaces.outputs import read_png_parameters
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,15 @@ import types
 import pytest
 import torch
 
-from attnedit import AttentionRecorder, HeadBlend, KeyMask, install, zoo
-from attnedit.attention import dense_attention
-from attnedit.edits import resize_mask
-from attnedit.families import detect_family
-from attnedit.head_guidance import perturbed_guidance, soft_pag
+from attnedit import AttentionRecorder, HeadBlend, KeyMask, install
+from attnedit.core.attention import dense_attention
+from attnedit.core.edits import resize_mask
+from attnedit.core.families import detect_family
+from attnedit.methods.head_guidance import perturbed_guidance, soft_pag
+from attnedit.methods.radial import RadialAttention
+from attnedit.models import zoo
 from attnedit.processors.edit_processor import EditProcessor
 from attnedit.processors.projections import MASKING_BACKENDS, xformers_attention
-from attnedit.radial import RadialAttention
 
 
 @pytest.fixture(scope="module", autouse=True)

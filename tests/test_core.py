@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from attnedit import AttentionRecorder, BlockMask, Edit, HeadBlend, KeyMask, install, zoo
-from attnedit.families import detect_family
+from attnedit import AttentionRecorder, BlockMask, Edit, HeadBlend, KeyMask, install
+from attnedit.core.families import detect_family
+from attnedit.models import zoo
 
 ALL = zoo.FAMILIES
 
@@ -91,9 +92,8 @@ def test_nested_install_composes_and_takes_back_its_edits(tiny_pipe):
     assert torch.equal(nested, together)
     assert torch.equal(alone, run(pipe, "sd15", blend))
     assert all(processors(pipe)[k] is before[k] for k in before)
-    with pytest.raises(ValueError, match="differs from the enclosing"):
-        with install(pipe):
-            install(pipe, backend="reference")
+    with pytest.raises(ValueError, match="differs from the enclosing"), install(pipe):
+        install(pipe, backend="reference")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
@@ -179,8 +179,8 @@ def test_hard_key_mask_zero_weight_and_fast_equals_reference(tiny_pipe, family):
 
 def test_soft_key_mask_scales_keys_to_zero_logit():
     """Soft mode (the paper's (1 - M) * K): a hidden key keeps logit 0, i.e. weight exp(0) / Z, not zero."""
-    from attnedit.attention import attend
-    from attnedit.families import AttentionCall, Site
+    from attnedit.core.attention import attend
+    from attnedit.core.families import AttentionCall, Site
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 16, 4) for _ in range(3))
@@ -223,8 +223,8 @@ def test_composed_edits_fast_equals_reference(tiny_pipe, family):
 
 def test_head_blend_only_touches_selected_heads():
     """A HeadBlend at u=1 makes the selected head output V; the other heads are unchanged."""
-    from attnedit.attention import attend, dense_attention
-    from attnedit.families import AttentionCall, Site
+    from attnedit.core.attention import attend, dense_attention
+    from attnedit.core.families import AttentionCall, Site
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 4) for _ in range(3))
@@ -239,8 +239,8 @@ def test_head_blend_only_touches_selected_heads():
 
 
 def test_block_mask_paths_agree():
-    from attnedit.attention import dense_attention
-    from attnedit.block_sparse import block_sparse_attention
+    from attnedit.core.attention import dense_attention
+    from attnedit.core.block_sparse import block_sparse_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 50, 8) for _ in range(3))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnedit import AttentionRecorder, install
-from attnedit.key_masking import DesignKeyMask
+from attnedit.methods.key_masking import DesignKeyMask
 from attnedit.pipelines.design_edit import (
     Canvas,
     DesignEditConfig,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attnedit.cli import main
-from attnedit.webapp import build_app, generate_with_maps
+from attnedit.surfaces.cli import main
+from attnedit.surfaces.webapp import build_app, generate_with_maps
 
 
 def test_sites_lists_every_site(capsys):
@@ -43,7 +43,7 @@ def test_app_builds(tiny_pipe):
 
 
 def test_generate_writes_png_with_parameters(tmp_path):
-    from attnedit.outputs import read_png_parameters
+    from attnedit.surfaces.outputs import read_png_parameters
 
     out = tmp_path / "cat.png"
     assert main(["generate", "a red cat", "--out", str(out), "--steps", "2", "--seed", "3"]) == 0
@@ -56,12 +56,12 @@ def test_generate_bad_steps_exits_2(tmp_path, capsys):
     assert "steps=0 must be >= 1" in capsys.readouterr().err
 
 
-# -- the app's method tabs (attnedit.webapp_tabs), without a browser ------------------------------------------
+# -- the app's method tabs (attnedit.surfaces.webapp_tabs), without a browser ------------------------------------------
 BOXES = "a cat: 0.05,0.2,0.5,0.9\na dog: 0.5,0.3,0.95,0.95; 0,0,0.2,0.2"
 
 
 def test_parse_and_draw_layout():
-    from attnedit.webapp_tabs import draw_layout, parse_layout, preview_layout
+    from attnedit.surfaces.webapp_tabs import draw_layout, parse_layout, preview_layout
 
     layout = parse_layout("a cat and a dog", BOXES)
     assert [r.phrase for r in layout.regions] == ["a cat", "a dog"] and len(layout.regions[1].boxes) == 2
@@ -75,14 +75,14 @@ def test_parse_and_draw_layout():
     ("x", "a: q,0,1,1", "boxes must be numbers"), ("x", "a: 0,0,2,1", "must be 4 numbers in"), ("x", "", "no region"),
 ])
 def test_parse_layout_rejects_bad_input(prompt, text, message):
-    from attnedit.webapp_tabs import parse_layout
+    from attnedit.surfaces.webapp_tabs import parse_layout
 
     with pytest.raises(ValueError, match=message):
         parse_layout(prompt, text)
 
 
 def test_grounded_gives_an_image_and_one_map_per_phrase(tiny_pipe):
-    from attnedit.webapp_tabs import run_grounded
+    from attnedit.surfaces.webapp_tabs import run_grounded
 
     image, maps = run_grounded(tiny_pipe("sd15"), "a cat and a dog", BOXES, seed=0, steps=3, refocus_steps=2, guidance=7.5)
     assert image.shape == (64, 64, 3) and [label for _, label in maps] == ["a cat", "a dog"]
@@ -90,7 +90,7 @@ def test_grounded_gives_an_image_and_one_map_per_phrase(tiny_pipe):
 
 
 def test_editor_mask_reads_layer_alpha_at_background_size():
-    from attnedit.webapp_tabs import editor_mask
+    from attnedit.surfaces.webapp_tabs import editor_mask
 
     layer = np.zeros((32, 32, 4), np.uint8)
     layer[4:8, 10:20, 3] = 255
@@ -104,7 +104,7 @@ def test_editor_mask_reads_layer_alpha_at_background_size():
 
 
 def test_edit_source_prefers_the_plain_upload_then_the_editor_background():
-    from attnedit.webapp_tabs import edit_source
+    from attnedit.surfaces.webapp_tabs import edit_source
 
     upload, background = np.zeros((8, 8, 3), np.uint8), np.ones((4, 4, 3), np.uint8)
     assert edit_source(upload, {"background": background}) is upload
@@ -117,7 +117,7 @@ def test_edit_source_prefers_the_plain_upload_then_the_editor_background():
     ("sd3", "remove", "h"), ("flux", "move", "h"),
 ])
 def test_edit_operations_keep_the_image_size(tiny_pipe, family, operation, direction):
-    from attnedit.webapp_tabs import parse_box, run_edit
+    from attnedit.surfaces.webapp_tabs import parse_box, run_edit
 
     image = np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)
     out = run_edit(tiny_pipe(family), image, parse_box("8, 8, 24, 30"), operation, dx=8, direction=direction, amount=8,
@@ -131,7 +131,7 @@ def test_edit_operations_keep_the_image_size(tiny_pipe, family, operation, direc
     ("rgb", "1,1,5,5", "twirl", "operation='twirl'"),
 ])
 def test_edit_rejects_bad_input(tiny_pipe, image, box, operation, message):
-    from attnedit.webapp_tabs import parse_box, run_edit
+    from attnedit.surfaces.webapp_tabs import parse_box, run_edit
 
     image = np.zeros((64, 64, 3), np.uint8) if image == "rgb" else image
     with pytest.raises(ValueError, match=message):
@@ -141,7 +141,7 @@ def test_edit_rejects_bad_input(tiny_pipe, image, box, operation, message):
 def test_head_guidance_same_seed_differs_only_by_guidance(tiny_pipe, tmp_path):
     import json
 
-    from attnedit.webapp_tabs import run_head_guidance
+    from attnedit.surfaces.webapp_tabs import run_head_guidance
 
     pipe = tiny_pipe("sd15")
     plain, guided = run_head_guidance(pipe, "a cat", "L1H0,L1H1", None, seed=0, steps=2, guidance=5.0, scale=3.0, strength=1.0)
@@ -155,7 +155,7 @@ def test_head_guidance_same_seed_differs_only_by_guidance(tiny_pipe, tmp_path):
 
 
 def test_video_frames_with_and_without_radial(tiny_pipe):
-    from attnedit.webapp_tabs import frames_to_video, is_video, run_video
+    from attnedit.surfaces.webapp_tabs import frames_to_video, is_video, run_video
 
     pipe = tiny_pipe("wan")
     assert is_video(pipe) and not is_video(tiny_pipe("sd15"))
@@ -173,7 +173,7 @@ def test_video_frames_with_and_without_radial(tiny_pipe):
 def test_drawn_boxes_become_layout_lines():
     import numpy as np
 
-    from attnedit.webapp_tabs import annotations_to_lines, parse_layout
+    from attnedit.surfaces.webapp_tabs import annotations_to_lines, parse_layout
 
     value = {"image": np.zeros((200, 400, 3), np.uint8), "boxes": [
         {"xmin": 0, "ymin": 20, "xmax": 200, "ymax": 180, "label": "a cat"},

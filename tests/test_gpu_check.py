@@ -61,7 +61,7 @@ def test_dry_run_attention_call_sections(dry_run):
 
 
 def test_dry_run_forwards_cover_every_architecture_and_edit(dry_run):
-    from attnedit.architectures import ARCHITECTURES
+    from attnedit.models.architectures import ARCHITECTURES
 
     rows = {row["name"]: row for row in dry_run["sections"]["forwards"]["rows"]}
     assert set(rows) == set(ARCHITECTURES)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnedit import install, zoo
-from attnedit.attention import attend
-from attnedit.families import AttentionCall, Site
-from attnedit.head_guidance import (
+from attnedit import install
+from attnedit.core.attention import attend
+from attnedit.core.families import AttentionCall, Site
+from attnedit.methods.head_guidance import (
     SoftPAG,
     format_heads,
     head_presets,
@@ -20,6 +20,7 @@ from attnedit.head_guidance import (
     resolve_heads,
     soft_pag,
 )
+from attnedit.models import zoo
 
 DIT = ("sd3", "flux", "wan", "hunyuan_video")
 FAMILIES = ("sd15", *DIT)
@@ -63,7 +64,7 @@ def test_shipped_presets_name_the_heads_their_search_found():
 
 
 def test_a_preset_is_validated_against_the_model_family(tiny_pipe):
-    from attnedit.builtin import load_builtin
+    from attnedit.shapes.builtin import load_builtin
 
     with install(load_builtin("shapes-dit")) as handle:
         assert resolve_heads("shapes-dit", handle.sites, "sd3") == {0: (0, 2), 2: (0,)}
@@ -78,7 +79,7 @@ def test_a_preset_is_validated_against_the_model_family(tiny_pipe):
 
 
 def test_guidance_by_preset_name_equals_guidance_by_its_heads():
-    from attnedit.builtin import load_builtin
+    from attnedit.shapes.builtin import load_builtin
 
     pipe = load_builtin("shapes-t2i")
     pipe.set_progress_bar_config(disable=True)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnedit import zoo
-from attnedit.head_guidance import perturbed_guidance
-from attnedit.headhunter import AestheticScore, ClipScore, HeadHunter, colorfulness, headhunter
+from attnedit.methods.head_guidance import perturbed_guidance
+from attnedit.methods.headhunter import AestheticScore, ClipScore, HeadHunter, colorfulness, headhunter
+from attnedit.models import zoo
 
 FAMILY = "sd3"  # 2 joint layers x 4 heads = 8 candidates
 CALL = {"num_inference_steps": 1, "height": 32, "width": 32, "guidance_scale": 1.0, "max_sequence_length": 32}
@@ -134,7 +134,7 @@ def test_clip_and_aesthetic_objectives(tiny_pipe, tmp_path):
 
 
 def test_command_line(tiny_pipe, tmp_path, capsys):
-    from attnedit.headhunter import main
+    from attnedit.methods.headhunter import main
 
     tiny_pipe(FAMILY)  # builds the tiny model into the session zoo the CLI loads from
     assert main(["--model", "tiny:sd3", "--prompt", "a cat", "--candidates", "L1H0,0:3", "--steps", "1",

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from attnedit import AttentionRecorder, install, zoo
-from attnedit.edits import resize_mask
-from attnedit.key_masking import DesignKeyMask, box_mask, check_mask, dilate_mask, load_mask
+from attnedit import AttentionRecorder, install
+from attnedit.core.edits import resize_mask
+from attnedit.methods.key_masking import DesignKeyMask, box_mask, check_mask, dilate_mask, load_mask
+from attnedit.models import zoo
 
 SIZE = (64, 64)
 

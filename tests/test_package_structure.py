@@ -84,7 +84,7 @@ def test_the_checker_finds_a_planted_cycle(tmp_path):
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert "attnedit.install" in graph and "attnedit.processors.edit_processor" in graph["attnedit.install"]
+    assert "attnedit.core.install" in graph and "attnedit.processors.edit_processor" in graph["attnedit.core.install"]
     assert cycles(graph) == []
 
 
@@ -92,3 +92,48 @@ def test_no_import_cycles():
 def test_module_is_short_enough_to_read(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{module_name(path)} has {lines} lines; split it by what its parts do"
+
+
+FOLDERS = {"core", "methods", "models", "pipelines", "processors", "shapes", "surfaces"}
+
+
+def test_the_folders_are_the_architecture():
+    """Only the package's entry files sit at the top; every other module lives in the folder of its part."""
+    top = {p.name for p in PACKAGE.glob("*.py")}
+    assert top == {"__init__.py", "__main__.py", "compat.py"}
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == FOLDERS
+    for folder in FOLDERS:
+        assert (PACKAGE / folder / "__init__.py").read_text().startswith('"""'), f"{folder}/ says what it holds"
+
+
+def test_the_core_imports_no_method_or_surface():
+    """Layering: core and processors know nothing of methods, pipelines, shapes or surfaces."""
+    graph = import_graph()
+    upper = ("attnedit.methods", "attnedit.pipelines", "attnedit.shapes", "attnedit.surfaces")
+    for module, targets in graph.items():
+        if module.startswith(("attnedit.core", "attnedit.processors")):
+            assert not [t for t in targets if t.startswith(upper)], module
+
+
+def test_old_flat_import_paths_name_the_same_modules():
+    import importlib
+    import subprocess
+    import sys
+
+    from attnedit.compat import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from attnedit.zoo import load_tiny_pipeline
+
+    from attnedit.models.zoo import load_tiny_pipeline as moved
+
+    assert load_tiny_pipeline is moved
+    from attnedit.install import Installation  # the old module path, while attnedit.install is the function
+
+    import attnedit
+
+    assert callable(attnedit.install) and Installation is attnedit.Installation
+    for command in (["-m", "attnedit.cli", "presets"], ["-m", "attnedit", "presets"]):  # old and new entry points
+        result = subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "shapes-t2i" in result.stdout, result.stderr

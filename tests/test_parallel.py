@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from attnedit import HeadBlend, KeyMask
-from attnedit.attention import attend
-from attnedit.families import AttentionCall, Site
-from attnedit.parallel import check_heads, check_tokens, enable_ulysses, ring_pairs, shard_text_mask
+from attnedit.core.attention import attend
+from attnedit.core.families import AttentionCall, Site
+from attnedit.core.parallel import check_heads, check_tokens, enable_ulysses, ring_pairs, shard_text_mask
+from attnedit.methods.radial import RadialAttention, radial_block_mask
 from attnedit.processors.ulysses import (
     gathered_order,
     global_call,
@@ -32,7 +33,6 @@ from attnedit.processors.ulysses import (
     ulysses_attention,
     ulysses_config,
 )
-from attnedit.radial import RadialAttention, radial_block_mask
 
 WORKER = pathlib.Path(__file__).with_name("parallel_worker.py")
 

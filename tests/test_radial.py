@@ -8,11 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from attnedit import BlockMask, install, zoo
-from attnedit.attention import dense_attention, flex_attention
-from attnedit.block_sparse import block_sparse_attention
-from attnedit.families import AttentionCall, Site
-from attnedit.radial import PRESETS, RadialAttention, _call_blocks, pair_rule, radial_block_mask
+from attnedit import BlockMask, install
+from attnedit.core.attention import dense_attention, flex_attention
+from attnedit.core.block_sparse import block_sparse_attention
+from attnedit.core.families import AttentionCall, Site
+from attnedit.methods.radial import PRESETS, RadialAttention, _call_blocks, pair_rule, radial_block_mask
+from attnedit.models import zoo
 
 
 # -- brute force: the rule written out at token level, then the released code's per-pair block rounding ----------
@@ -300,7 +301,7 @@ def test_generate_radial_helper_equals_manual_install(tiny_pipe):
 
 def test_flex_block_mask_built_once_per_geometry():
     """FlexAttention's BlockMask comes from a cache keyed by the edit's (cached) block table and the key keep."""
-    from attnedit.attention import flex_block_mask
+    from attnedit.core.attention import flex_block_mask
 
     edit = RadialAttention(decay=0.5, block_size=16)
     first, second = (edit.block_mask(make_call(step=s, layer=1, grid=(7, 8, 8))) for s in (0, 1))
@@ -323,7 +324,7 @@ def test_flex_mask_from_the_table_is_what_create_block_mask_builds(frames, per_f
     short last block; create_block_mask, which evaluates every query-key pair, must give the same structure."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from attnedit.attention import flex_mask_from_table
+    from attnedit.core.attention import flex_mask_from_table
 
     n = frames * per_frame
     blocks = radial_block_mask(frames, per_frame, 128, 0.2, sink)

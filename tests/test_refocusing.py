@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from attnedit import AttentionRecorder, KeyMask, install
-from attnedit.families import detect_family
-from attnedit.pipelines.refocusing import refocus
-from attnedit.refocusing import (
+from attnedit.core.families import detect_family
+from attnedit.methods.refocusing import (
     MAX_BOXES,
     Layout,
     MapRecorder,
@@ -30,7 +29,8 @@ from attnedit.refocusing import (
     sar_loss,
     token_layout,
 )
-from attnedit.zoo import call_kwargs, denoiser
+from attnedit.models.zoo import call_kwargs, denoiser
+from attnedit.pipelines.refocusing import refocus
 
 PROMPT = "a red cat sitting on a blue square"
 LAYOUT = Layout(PROMPT, (("red cat", [(0.0, 0.0, 0.5, 1.0)]), ("blue square", [(0.5, 0.25, 1.0, 0.75)])))
@@ -335,7 +335,7 @@ def test_layers_follow_the_family_resolution(tiny_pipe):
 
 
 def test_composes_with_softpag_and_key_masks(tiny_pipe):
-    from attnedit.head_guidance import perturbed_guidance
+    from attnedit.methods.head_guidance import perturbed_guidance
 
     pipe = tiny_pipe("sd15")
     kw = {"num_inference_steps": 3, "output_type": "np", "config": FAST}
@@ -465,7 +465,7 @@ def test_prefix_forward_gives_the_same_updates_and_skips_the_rest(tiny_pipe, fam
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_gradient_forward_takes_the_dense_path_only_where_maps_are_recorded(tiny_pipe, family, monkeypatch):
-    from attnedit import attention
+    from attnedit.core import attention
     from attnedit.pipelines import refocusing as pipeline_refocusing
     from attnedit.processors import edit_processor
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from attnedit import world
+from attnedit.shapes import world
 
 
 def scenes(count, seed=0, **options):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnedit import zoo
+from attnedit.models import zoo
 
 EXPECTED = {
     "sd15": ("StableDiffusionPipeline", "UNet2DConditionModel"),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..key_masking import check_mask
+from attnedit.methods.key_masking import check_mask
 
 
 @dataclass(frozen=True)

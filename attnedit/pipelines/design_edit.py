@@ -5,7 +5,7 @@ and Fusion for Unified & Accurate Image Editing" (arXiv:2403.14487, AAAI 2025):
 
 1. *Decomposition.* Each image is inverted (empty prompt, conditional only), keeping every intermediate latent
    x*_t: DDIM on the UNets, the Euler inversion of the velocity ODE on the flow-matching transformers
-   (``design_models``). The background is inpainted by key masking (:class:`~attnedit.key_masking.DesignKeyMask`)
+   (``design_models``). The background is inpainted by key masking (:class:`~attnedit.methods.key_masking.DesignKeyMask`)
    on the conditional branch for steps ``mask_from``..``mask_until`` of the run, with latent blending
    z <- M z + (1 - M) x*_t against the reconstruction and proximal guidance for t < 400:
    z <- z - s (z - x*_t)(1 - M_edit), M_edit = dilate(|f_c - f_u| > q-quantile) OR M.
@@ -45,10 +45,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..install import install
-from ..key_masking import DesignKeyMask, MaskLike, check_mask, dilate_kernel, dilate_mask, load_mask
-from .design_canvas import Canvas, Layer, ObjectLayer, bbox, fit_to, load_image, paste_object, shift, to_pil
-from .design_models import EditModel, Run, ddim_move, edit_model
+from attnedit.core.install import install
+from attnedit.methods.key_masking import DesignKeyMask, MaskLike, check_mask, dilate_kernel, dilate_mask, load_mask
+from attnedit.pipelines.design_canvas import (
+    Canvas,
+    Layer,
+    ObjectLayer,
+    bbox,
+    fit_to,
+    load_image,
+    paste_object,
+    shift,
+    to_pil,
+)
+from attnedit.pipelines.design_models import EditModel, Run, ddim_move, edit_model
 
 __all__ = [
     "Canvas", "DesignEditConfig", "DesignEditor", "ObjectLayer", "bbox", "ddim_move", "fit_to", "load_image",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..families import detect_family
+from attnedit.core.families import detect_family
 
 FAMILIES = ("unet", "sd3", "flux")
 
@@ -184,7 +184,7 @@ class FlowModel(EditModel):
     kinds = frozenset({"joint", "self"})  # joint image keys; SD3.5's image self-attention (attn2) too
 
     def __init__(self, pipe: Any, num_steps: int, prompt: str = "", embedded_guidance: float = 1.0) -> None:
-        from ..builtin import call_options
+        from attnedit.shapes.builtin import call_options
 
         super().__init__(pipe, num_steps, prompt)
         self.embedded_guidance = embedded_guidance

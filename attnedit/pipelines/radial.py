@@ -1,8 +1,8 @@
-"""Run a Wan 2.x or HunyuanVideo pipeline with radial attention (Li et al. 2025, see :mod:`attnedit.radial`).
+"""Run a Wan 2.x or HunyuanVideo pipeline with radial attention (Li et al. 2025, see :mod:`attnedit.methods.radial`).
 
 >>> frames = generate_radial(pipe, "a fox running in snow", num_frames=69, height=768, width=1280).frames[0]  # doctest: +SKIP
 
-One video on N GPUs (Ulysses context parallelism, :mod:`attnedit.parallel`), under ``torchrun --nproc_per_node N``:
+One video on N GPUs (Ulysses context parallelism, :mod:`attnedit.core.parallel`), under ``torchrun --nproc_per_node N``:
 
 >>> generate_radial(pipe, "a fox running in snow", parallel=N, num_frames=69)  # doctest: +SKIP
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..families import detect_family
-from ..install import install
-from ..radial import RadialAttention
+from attnedit.core.families import detect_family
+from attnedit.core.install import install
+from attnedit.methods.radial import RadialAttention
 
 
 def generate_radial(
@@ -30,7 +30,7 @@ def generate_radial(
     family = detect_family(pipe.transformer).name
     edit = RadialAttention.preset(preset or family, **(radial or {}))
     if parallel is not None:
-        from ..parallel import enable_ulysses
+        from attnedit.core.parallel import enable_ulysses
 
         enable_ulysses(pipe, parallel)
     with install(pipe, edit, backend=backend) as handle:

@@ -1,7 +1,7 @@
 """Attention refocusing on stock diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1): :func:`refocus`.
 
 Phung, Ge and Huang (2024), "Grounded Text-to-Image Synthesis with Attention Refocusing" (arXiv:2306.05427); the
-losses and the schedule live in :mod:`attnedit.refocusing`. The stock pipeline runs unchanged: the initial noise
+losses and the schedule live in :mod:`attnedit.methods.refocusing`. The stock pipeline runs unchanged: the initial noise
 is drawn exactly as the pipeline would draw it (same generator, same numbers; packed for FLUX), refocused for step
 0 and passed as ``latents=``; for steps 1..N-1, ``callback_on_step_end`` refocuses the latent the pipeline will
 denoise next (against ``timesteps[i + 1]``). Each refocusing iteration is one extra conditional-only forward with
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..edits import Edit
-from ..install import Installation, install
-from ..refocusing import Layout, MapRecorder, RefocusConfig, TokenLayout, refocus_latents, token_layout
-from .refocusing_maps import PAPER_GRID, _recorders, map_layers  # noqa: F401  (re-exported)
+from attnedit.core.edits import Edit
+from attnedit.core.install import Installation, install
+from attnedit.methods.refocusing import Layout, MapRecorder, RefocusConfig, TokenLayout, refocus_latents, token_layout
+from attnedit.pipelines.refocusing_maps import PAPER_GRID, _recorders, map_layers  # noqa: F401  (re-exported)
 
 SUPPORTED = ("unet", "sd3", "flux")
 
@@ -262,8 +262,8 @@ def _step_callback(refocuser: _Refocuser, limit: int, user: Any) -> Any:
 
 
 def _check_call(pipe: Any, layout: Any, handle: Installation | None, kwargs: dict) -> str:
-    from ..families import detect_family
-    from ..zoo import denoiser
+    from attnedit.core.families import detect_family
+    from attnedit.models.zoo import denoiser
 
     if not isinstance(layout, Layout):
         raise ValueError(  # noqa: TRY004 - the project's rule: bad inputs raise ValueError

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ..edits import Edit
-from ..install import Installation
-from ..refocusing import MapRecorder, RefocusConfig
+from attnedit.core.edits import Edit
+from attnedit.core.install import Installation
+from attnedit.methods.refocusing import MapRecorder, RefocusConfig
 
 __all__ = ["PAPER_GRID", "map_layers"]
 

@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..attention import attend
-from ..families import AttentionCall, Site, unet_grid
-from .projections import IO, Projected, xformers_attention
-from .ulysses import Unsharded, global_call, ulysses_attention, ulysses_config
+from attnedit.core.attention import attend
+from attnedit.core.families import AttentionCall, Site, unet_grid
+from attnedit.processors.projections import IO, Projected, xformers_attention
+from attnedit.processors.ulysses import Unsharded, global_call, ulysses_attention, ulysses_config
 
 if TYPE_CHECKING:
-    from ..edits import Edit
+    from attnedit.core.edits import Edit
 
 
 class EditSource(Protocol):
-    """What a processor reads from the installation that owns it (``attnedit.install.Installation``).
+    """What a processor reads from the installation that owns it (``attnedit.core.install.Installation``).
 
     A protocol, so the processor layer does not import the installer that imports it.
     """

@@ -2,7 +2,7 @@
 
 Each family's stock processor is split at the attention call: ``project`` turns module inputs into
 q, k, v ``(B, H, S, D)`` plus the token layout, ``finish`` turns the attention output back into what the
-block expects. The math between them belongs to :mod:`attnedit.attention`. The halves follow diffusers
+block expects. The math between them belongs to :mod:`attnedit.core.attention`. The halves follow diffusers
 0.42's ``AttnProcessor2_0``, ``JointAttnProcessor2_0``, ``FluxAttnProcessor``, ``WanAttnProcessor`` and
 ``HunyuanVideoAttnProcessor2_0`` operation by operation, so that with no edit the result is the stock one.
 """

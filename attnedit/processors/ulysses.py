@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..attention import attend
+from attnedit.core.attention import attend
 
 if TYPE_CHECKING:
-    from ..edits import Edit
-    from ..families import AttentionCall
-    from .projections import Projected
+    from attnedit.core.edits import Edit
+    from attnedit.core.families import AttentionCall
+    from attnedit.processors.projections import Projected
 
 
 class ShardedProcessor(Protocol):
@@ -167,7 +167,7 @@ def ulysses_attention(processor: ShardedProcessor, p: Projected, call: Attention
     if p.mask is not None and p.mask.shape[-1] != p.k.shape[2]:
         raise ValueError(
             f"{processor.site.name}: under context parallelism the key mask must cover this rank's {p.k.shape[2]} "
-            f"keys, not {p.mask.shape[-1]}; enable parallelism with attnedit.parallel.enable_ulysses"
+            f"keys, not {p.mask.shape[-1]}; enable parallelism with attnedit.core.parallel.enable_ulysses"
         )
     segments, local = local_segments(p), Unsharded(processor)
     kernels = (lambda q, k, v, m: processor.native(q, k, v, m, local), lambda q, k, v, m: processor.masked(q, k, v, m, local))

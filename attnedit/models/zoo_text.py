@@ -1,4 +1,4 @@
-"""Offline tokenizers and tiny text encoders for the model zoo (:mod:`attnedit.zoo`).
+"""Offline tokenizers and tiny text encoders for the model zoo (:mod:`attnedit.models.zoo`).
 
 The hub's tokenizers cannot be downloaded here, so each is generated from a small English word list: a CLIP
 byte-level BPE whose merges are learned at build time (common words are one token, unknown words split into

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .outputs import atomic_write_json, save_mp4, save_png
+from attnedit.surfaces.outputs import atomic_write_json, save_mp4, save_png
 
 Task = Callable[[Any, dict[str, Any]], list]  # (pipeline, params) -> list of PIL images
 TASKS: dict[str, Task] = {}
@@ -122,7 +122,7 @@ def is_done(out_dir: Path, job: Job) -> bool:
 
 def run_job(pipe: Any, job: Job, out_dir: Path, model_name: str | None) -> list[str]:
     """Run one job and write its outputs, then its sidecar (the done marker)."""
-    from .loading import tiny_defaults
+    from attnedit.surfaces.loading import tiny_defaults
 
     start = time.perf_counter()
     params = {**tiny_defaults(model_name, job.task), **job.params}
@@ -150,7 +150,7 @@ def run_batch(
     """Run this process's share of ``jobs`` into ``out_dir``; ``load(model)`` returns a pipeline."""
     from tqdm.auto import tqdm
 
-    from .loading import default_model as task_default_model
+    from attnedit.surfaces.loading import default_model as task_default_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,14 +219,14 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
     steps = int(params.get("steps", 30))
     if steps < 1:
         raise ValueError(f"generate: steps={params['steps']} must be >= 1")
-    from .builtin import call_options
+    from attnedit.shapes.builtin import call_options
 
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height") if k in params}
     kwargs.update(call_options(pipe))  # a built-in model's text length (shapes-dit's T5 was trained on 24 tokens)
     generator = torch.Generator("cpu").manual_seed(int(params.get("seed", 0)))
     guidance = contextlib.nullcontext()
     if params.get("heads"):
-        from .head_guidance import perturbed_guidance
+        from attnedit.methods.head_guidance import perturbed_guidance
 
         guidance = perturbed_guidance(pipe, params["heads"], scale=float(params.get("pag_scale", 3.0)),
                                       strength=float(params.get("pag_strength", 1.0)))
@@ -240,7 +240,7 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
 def _layout(params: dict[str, Any]) -> Any:
     if not params.get("layout"):
         return None
-    from .refocusing import Layout
+    from attnedit.methods.refocusing import Layout
 
     source = params["layout"]
     layout = Layout.from_dict(source) if isinstance(source, dict) else Layout.from_json(source)
@@ -248,8 +248,8 @@ def _layout(params: dict[str, Any]) -> Any:
 
 
 def _refocused(pipe: Any, layout: Any, prompt: str, steps: int, generator: Any, params: dict, kwargs: dict) -> list:
-    from .pipelines.refocusing import refocus
-    from .refocusing import RefocusConfig
+    from attnedit.methods.refocusing import RefocusConfig
+    from attnedit.pipelines.refocusing import refocus
 
     config = RefocusConfig(refocus_steps=int(params.get("refocus_steps", min(25, steps // 2))))
     return refocus(pipe, layout, config=config, num_inference_steps=steps, generator=generator, **kwargs).images
@@ -265,7 +265,7 @@ def edit_task(pipe: Any, params: dict[str, Any]) -> list:
     left|right|up|down), ``amount`` (pan, px), ``layers`` (compose: [{image, mask, dx, dy}]), ``steps``, ``dilation``,
     ``hole_noise`` (fresh noise in the hole), ``guidance_scale``; unset ones take the model family's defaults (SD, SDXL, SD3:
     CFG 7.5, no hole noise; FLUX: one pass, hole noise 1)."""
-    from .pipelines.design_edit import DesignEditConfig, DesignEditor, ObjectLayer
+    from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor, ObjectLayer
 
     allowed = {"operation", "image", "mask", "dx", "dy", "scale", "direction", "amount", "layers", "steps", "dilation",
                "guidance_scale", "hole_noise"}
@@ -311,7 +311,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     import torch
     from PIL import Image
 
-    from .pipelines.radial import generate_radial
+    from attnedit.pipelines.radial import generate_radial
 
     allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "frames", "radial",
                "dense_steps", "dense_layers", "decay", "fps", "save_frames", "max_sequence_length"}

@@ -5,7 +5,7 @@ on the pipeline's denoiser(s) with the model's split plan: Wan's own ``_cp_plan`
 0.42 has none) :data:`HUNYUAN_VIDEO_CP_PLAN` plus :class:`TextMaskShardHook`. The edit processors then run their
 edits inside diffusers' all-to-all (:mod:`attnedit.processors.ulysses`). Launch one process per GPU::
 
-    torchrun --nproc_per_node 4 -m attnedit.cli video "a fox in snow" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --ulysses 4
+    torchrun --nproc_per_node 4 -m attnedit video "a fox in snow" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --ulysses 4
 
 Counts that the degree cannot split (heads at set-up; video or text tokens at each call) raise one ValueError
 before any collective runs, on every rank alike.
@@ -24,9 +24,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.context_parallel import ModuleForwardMetadata
 from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ContextParallelOutput
 
-from .families import detect_family
-from .install import _denoisers
-from .processors.ulysses import FAMILIES
+from attnedit.core.families import detect_family
+from attnedit.core.install import _denoisers
+from attnedit.processors.ulysses import FAMILIES
 
 # HunyuanVideo in the style of WanTransformer3DModel._cp_plan: split the video and the (already refined) text tokens
 # where they enter the first block, the RoPE tables (S, D/2) with them, and gather the video before the unpatchify.
@@ -188,7 +188,7 @@ def enable_ulysses(target: Any, degree: int | ContextParallelConfig) -> int:
         check_heads(model, degree)
     if not dist.is_initialized():
         raise ValueError("context parallelism needs torch.distributed: launch with torchrun --nproc_per_node "
-                         f"{degree} and call attnedit.parallel.init_distributed() first")
+                         f"{degree} and call attnedit.core.parallel.init_distributed() first")
     if dist.get_world_size() != degree:
         raise ValueError(f"Ulysses degree {degree} needs {degree} processes; this run has {dist.get_world_size()} "
                          f"(torchrun --nproc_per_node {degree})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .edits import BlockMask
+from attnedit.core.edits import BlockMask
 
 
 def _blocked(x: torch.Tensor, size: int, n_blocks: int) -> torch.Tensor:

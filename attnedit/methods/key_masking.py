@@ -17,7 +17,7 @@ This module turns user masks into that edit:
   (default 0.5, i.e. > 127 for 8-bit masks). Colour masks are averaged over channels first.
 * :func:`dilate_kernel` dilates with a ``k`` x ``k`` kernel, the paper's ``attend_scale`` (a 20 px kernel grows a
   24 px box to 43 px); :func:`dilate_mask` grows by a radius (``2 r + 1`` kernel).
-* :class:`DesignKeyMask` is the core :class:`~attnedit.edits.KeyMask` restricted to self-attention and the
+* :class:`DesignKeyMask` is the core :class:`~attnedit.core.edits.KeyMask` restricted to self-attention and the
   conditional branch by default; it resamples the mask to each attention grid once (a per-key vector of the
   share of each key's cell inside the mask, never S x S) and is exactly a no-op when the mask hides no key.
 
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .edits import KeyMask, mask_coverage
+from attnedit.core.edits import KeyMask, mask_coverage
 
 if TYPE_CHECKING:
-    from .families import AttentionCall
+    from attnedit.core.families import AttentionCall
 
 MaskLike = Union[str, os.PathLike, "np.ndarray", torch.Tensor, Any, tuple, list]
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .families import AttentionCall, Site
+    from attnedit.core.families import AttentionCall, Site
 
 KINDS = ("self", "cross", "joint")
 BRANCHES = ("uncond", "cond", "perturbed")

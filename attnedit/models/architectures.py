@@ -1,7 +1,7 @@
 """Published architectures: the denoiser configs of the checkpoints users load, buildable without weights.
 
 Each :class:`Architecture` holds the ``config.json`` of a real checkpoint's denoiser (copied into
-``attnedit/configs/``; no download) and can build it three ways:
+``attnedit/models/configs/``; no download) and can build it three ways:
 
 * ``build("full", device="meta")``: every layer at the published size on the meta device (no memory), to check
   that the family adapters find and number the real model's attention sites;

@@ -4,7 +4,7 @@ Implements SoftPAG from Ahn et al. (2025), "Fine-Grained Perturbation Guidance v
 (arXiv:2506.10978), on top of Perturbed-Attention Guidance (Ahn et al. 2024, arXiv:2403.17377).
 
 For each selected (layer, head) the attention map becomes ``A' = (1 - u) A + u I``; since ``A' V = (1 - u) A V
-+ u V`` the core's :class:`~attnedit.edits.HeadBlend` blends the fused attention output with V per head and never
++ u V`` the core's :class:`~attnedit.core.edits.HeadBlend` blends the fused attention output with V per head and never
 builds an S x S map. The perturbed prediction ``eps_p`` then guides away from the weak model::
 
     eps = eps_u + w_cfg (eps_c - eps_u) + w_pag (eps_c - eps_p)     (with CFG)
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .edits import HeadBlend
-from .families import Site
-from .install import Installation, _unwrap_compiled, install
+from attnedit.core.edits import HeadBlend
+from attnedit.core.families import Site
+from attnedit.core.install import Installation, _unwrap_compiled, install
 
 __all__ = [
     "PERTURBED_KIND", "SoftPAG", "format_heads", "head_presets", "load_heads", "parse_heads", "perturbed_guidance",

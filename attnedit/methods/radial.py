@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .edits import BlockMask, Edit
+from attnedit.core.edits import BlockMask, Edit
 
 if TYPE_CHECKING:
-    from .families import AttentionCall, Site
+    from attnedit.core.families import AttentionCall, Site
 
 FAMILIES = ("wan", "hunyuan_video")
 
@@ -125,7 +125,7 @@ def _call_blocks(
     """Radial blocks for a call whose first ``frames * tokens_per_frame`` tokens are video, the rest text.
 
     Cached per geometry and device, so the same table object comes back every call (FlexAttention's BlockMask is
-    then built once per geometry, see ``attnedit.attention.flex_block_mask``).
+    then built once per geometry, see ``attnedit.core.attention.flex_block_mask``).
     """
     video = radial_block_mask(frames, tokens_per_frame, block_size, decay, sink)
     n_video = frames * tokens_per_frame

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .edits import RecordedMap
+from attnedit.core.edits import RecordedMap
 
 
 def token_heatmaps(maps: list[RecordedMap], size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """What the app's method tabs run: grounded generation, DesignEdit, head guidance and radial video.
 
 Plain functions (arrays and strings in, uint8 arrays out, ValueError on bad input) over the method APIs, so they
-are tested without a browser; :mod:`attnedit.webapp` lays out the Gradio components around them.
+are tested without a browser; :mod:`attnedit.surfaces.webapp` lays out the Gradio components around them.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .attention_maps import token_heatmaps
-from .builtin import call_options, edit_options
-from .edits import AttentionRecorder
-from .families import detect_family
-from .head_guidance import load_heads, perturbed_guidance
-from .pipelines.design_edit import PAN_DIRECTIONS, DesignEditConfig, DesignEditor
-from .pipelines.radial import generate_radial
-from .pipelines.refocusing import refocus
-from .radial import RadialAttention
-from .refocusing import Layout, RefocusConfig, Region, token_layout
-from .zoo import denoiser
+from attnedit.core.edits import AttentionRecorder
+from attnedit.core.families import detect_family
+from attnedit.methods.attention_maps import token_heatmaps
+from attnedit.methods.head_guidance import load_heads, perturbed_guidance
+from attnedit.methods.radial import RadialAttention
+from attnedit.methods.refocusing import Layout, RefocusConfig, Region, token_layout
+from attnedit.models.zoo import denoiser
+from attnedit.pipelines.design_edit import PAN_DIRECTIONS, DesignEditConfig, DesignEditor
+from attnedit.pipelines.radial import generate_radial
+from attnedit.pipelines.refocusing import refocus
+from attnedit.shapes.builtin import call_options, edit_options
 
 MAX_STEPS = 100
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
@@ -256,7 +256,7 @@ def run_video(pipe: Any, prompt: str, *, radial: bool, dense_steps: int, dense_l
 
 def load_tiny_video_pipeline() -> Any:
     """The built-in trained Wan model, shapes-t2v (for apps whose own model is not a video model)."""
-    from .builtin import load_builtin
+    from attnedit.shapes.builtin import load_builtin
 
     return load_builtin("shapes-t2v")
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .edits import BlockMask, Edit
+from attnedit.core.edits import BlockMask, Edit
 
 if TYPE_CHECKING:
-    from .families import AttentionCall
+    from attnedit.core.families import AttentionCall
 
 BACKENDS = ("auto", "native", "reference", "flex")
 Native = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -227,7 +227,7 @@ def attend(
     elif block is not None and chosen == "flex":
         out = flex_attention(q, k, v, mask, block)
     elif block is not None:
-        from .block_sparse import block_sparse_attention
+        from attnedit.core.block_sparse import block_sparse_attention
 
         out = block_sparse_attention(q, k, v, mask, block)
     else:

@@ -52,7 +52,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
-from .zoo_text import (
+from attnedit.models.zoo_text import (
     HUNYUAN_PROMPT_TEMPLATE,
     _clip_encoder,
     _llama_encoder,

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .edits import BRANCHES, Edit
-from .families import Family, ForwardInfo, Site, detect_family
-from .processors.edit_processor import EditProcessor
+from attnedit.core.edits import BRANCHES, Edit
+from attnedit.core.families import Family, ForwardInfo, Site, detect_family
+from attnedit.processors.edit_processor import EditProcessor
 
 
 class RunState:
@@ -84,7 +84,7 @@ class Installation:
     """Edit processors on a denoiser (or a pipeline's denoisers); a context manager that always restores."""
 
     def __init__(self, target: Any, edits: Sequence[Edit], backend: str = "auto") -> None:
-        from .attention import BACKENDS
+        from attnedit.core.attention import BACKENDS
 
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; valid: {list(BACKENDS)}")

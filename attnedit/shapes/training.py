@@ -1,10 +1,10 @@
-"""Train the built-in shapes models (:mod:`attnedit.builtin`) from a seed, on CPU in well under an hour.
+"""Train the built-in shapes models (:mod:`attnedit.shapes.builtin`) from a seed, on CPU in well under an hour.
 
-``python -m attnedit.training t2i`` trains ``shapes-t2i`` (AutoencoderKL first, then the UNet and the CLIP text
-encoder jointly with an epsilon objective, min-SNR weighting and EMA); ``python -m attnedit.training t2v`` trains
+``python -m attnedit.shapes.training t2i`` trains ``shapes-t2i`` (AutoencoderKL first, then the UNet and the CLIP text
+encoder jointly with an epsilon objective, min-SNR weighting and EMA); ``python -m attnedit.shapes.training t2v`` trains
 ``shapes-t2v`` (AutoencoderKLWan, then the Wan transformer and the UMT5 encoder with the flow-matching objective
-Wan uses); ``python -m attnedit.training dit`` trains ``shapes-dit`` (the SD3 transformer and two embedding-only
-CLIP encoders, flow matching, on ``shapes-t2i``'s VAE). Data comes from :mod:`attnedit.world`, rendered on the fly from the same seed, so a run is reproducible
+Wan uses); ``python -m attnedit.shapes.training dit`` trains ``shapes-dit`` (the SD3 transformer and two embedding-only
+CLIP encoders, flow matching, on ``shapes-t2i``'s VAE). Data comes from :mod:`attnedit.shapes.world`, rendered on the fly from the same seed, so a run is reproducible
 (up to float summation order across thread counts). Checkpoints are written atomically every ``save_every``
 steps, so an interrupted run still leaves a usable model.
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import builtin, world
+from attnedit.shapes import builtin, world
 
 LogFn = Callable[[str], None]
 

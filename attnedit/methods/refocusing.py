@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .edits import AttentionRecorder, RecordedMap
+from attnedit.core.edits import AttentionRecorder, RecordedMap
 
 Box = tuple[float, float, float, float]
 LOSSES = ("car", "sar")
@@ -165,7 +165,7 @@ def token_layout(pipe: Any, layout: Layout, max_sequence_length: int = 256) -> T
 
 
 def _is_flux(model: Any) -> bool:
-    from .families import FAMILIES
+    from attnedit.core.families import FAMILIES
 
     model = getattr(model, "_orig_mod", model)
     return any(cls.__name__ == FAMILIES["flux"].model_class for cls in type(model).__mro__)

@@ -6,33 +6,33 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .loading import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
+from attnedit.surfaces.loading import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
 
 EXAMPLES = """examples:
   attnedit generate "a red circle left of a blue square" --out out.png
   attnedit generate --layout layout.json --heads L1H0,L1H1 --out grounded.png
   attnedit edit remove photo.png --mask mask.png --out clean.png
   attnedit video "a ball rolling" --frames 9 --out ball.mp4 --save-frames
-  torchrun --nproc_per_node 2 -m attnedit.cli video "a ball rolling" --ulysses 2 --out ball.mp4   # 2 GPUs, 1 video
+  torchrun --nproc_per_node 2 -m attnedit video "a ball rolling" --ulysses 2 --out ball.mp4   # 2 GPUs, 1 video
   attnedit heads --model tiny:sd3 --prompt "a cat" --layers 0-1 --workdir runs/hh
   attnedit batch jobs.jsonl --out results/  # resumable; under `accelerate launch` jobs are sharded
   attnedit sites                          # attention sites of the default offline tiny model
   attnedit sites --model stabilityai/stable-diffusion-3.5-medium   # configs only, no weights
-  attnedit sites --model flux1-dev        # a shipped published config (offline): see attnedit.architectures
+  attnedit sites --model flux1-dev        # a shipped published config (offline): see attnedit.models.architectures
   attnedit app --port 7860                # the web app, on 127.0.0.1
 """
 
 
 def _sites(args: argparse.Namespace) -> int:
     """List sites; a published architecture or hub model is built on the meta device from its config (no weights)."""
-    from .builtin import BUILTIN_MODELS
-    from .install import install
-    from .loading import TINY_PREFIX, load_pipeline
+    from attnedit.core.install import install
+    from attnedit.shapes.builtin import BUILTIN_MODELS
+    from attnedit.surfaces.loading import TINY_PREFIX, load_pipeline
 
     if args.model is None or args.model in BUILTIN_MODELS or args.model.startswith(TINY_PREFIX):
         target = load_pipeline(args.model, device="cpu" if args.model is None else args.device, dtype=args.dtype)
     else:
-        from .architectures import meta_denoiser
+        from attnedit.models.architectures import meta_denoiser
 
         target = meta_denoiser(args.model)
     with install(target) as handle:
@@ -45,7 +45,7 @@ def _sites(args: argparse.Namespace) -> int:
 
 def _presets(args: argparse.Namespace) -> int:
     """List the shipped head presets: name, family, heads, objective (``--heads NAME`` uses one)."""
-    from .head_guidance import head_presets
+    from attnedit.methods.head_guidance import head_presets
 
     print(f"{'name':12s} {'family':6s} {'heads':14s} objective")
     for name, preset in head_presets().items():
@@ -62,9 +62,9 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     """
     from pathlib import Path
 
-    from .batch import TASKS
-    from .loading import load_pipeline, tiny_defaults
-    from .outputs import save_png
+    from attnedit.surfaces.batch import TASKS
+    from attnedit.surfaces.loading import load_pipeline, tiny_defaults
+    from attnedit.surfaces.outputs import save_png
 
     params = {k: v for k, v in params.items() if v is not None}
     model = args.model or default_model or DEFAULT_MODEL
@@ -73,12 +73,12 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     if ulysses:
         import torch.distributed as dist
 
-        from .parallel import init_distributed
+        from attnedit.core.parallel import init_distributed
 
         device, rank = init_distributed(device), dist.get_rank()
     pipe = load_pipeline(model, device, args.dtype)
     if ulysses:
-        from .parallel import enable_ulysses
+        from attnedit.core.parallel import enable_ulysses
 
         enable_ulysses(pipe, ulysses)
         pipe.set_progress_bar_config(disable=rank != 0)
@@ -88,7 +88,7 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     out = Path(args.out)
     record = {**params, "task": task_name, "model": model or "default"}
     if task_name == "video":
-        from .outputs import save_mp4
+        from attnedit.surfaces.outputs import save_mp4
 
         save_mp4(out, images, args.fps)
         if args.save_frames:
@@ -150,7 +150,7 @@ def _video(args: argparse.Namespace) -> int:
 
 
 def _heads(args: argparse.Namespace) -> int:
-    from .headhunter import main as headhunter_main
+    from attnedit.methods.headhunter import main as headhunter_main
 
     return headhunter_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
@@ -160,9 +160,9 @@ def _batch(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from .batch import Summary, load_jobs, run_batch
-    from .loading import load_pipeline
-    from .outputs import atomic_write_json
+    from attnedit.surfaces.batch import Summary, load_jobs, run_batch
+    from attnedit.surfaces.loading import load_pipeline
+    from attnedit.surfaces.outputs import atomic_write_json
 
     jobs = load_jobs(args.jobs)
     index, count, device, barrier = _process_group(args.device)
@@ -202,7 +202,7 @@ def _process_group(device: str | None):
 
 
 def _app(args: argparse.Namespace) -> int:
-    from .webapp import main as app_main
+    from attnedit.surfaces.webapp import main as app_main
 
     return app_main((["--model", args.model] if args.model else []) + ["--port", str(args.port)])
 
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.set_defaults(run=_heads)
     batch = sub.add_parser(
         "batch", help="run a JSONL/YAML job file (resumable; shards under accelerate launch)",
-        epilog="example: accelerate launch --num_processes 2 -m attnedit.cli batch jobs.jsonl --out results/",
+        epilog="example: accelerate launch --num_processes 2 -m attnedit batch jobs.jsonl --out results/",
     )
     batch.add_argument("jobs", help=".jsonl (one job per line) or .yaml file")
     batch.add_argument("--out", required=True, help="output folder")

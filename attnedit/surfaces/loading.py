@@ -1,6 +1,6 @@
 """Load a pipeline from a hub id, a local folder, a built-in trained model or the tiny zoo; pick device and dtype.
 
-Without a model the CLI and the app use the built-in trained models (:mod:`attnedit.builtin`): ``shapes-t2i``
+Without a model the CLI and the app use the built-in trained models (:mod:`attnedit.shapes.builtin`): ``shapes-t2i``
 for images and edits, ``shapes-t2v`` for video. They ship with the package, so the main job runs offline on a CPU.
 """
 
@@ -41,14 +41,14 @@ def pick_dtype(device: str, dtype: str | None = None) -> torch.dtype:
 def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None) -> DiffusionPipeline:
     """``model``: a hub id, a local diffusers folder, a built-in model (``shapes-t2i``, ``shapes-t2v``: trained,
     offline) or ``tiny:<family>`` (random weights, offline)."""
-    from .builtin import BUILTIN_MODELS, load_builtin
+    from attnedit.shapes.builtin import BUILTIN_MODELS, load_builtin
 
     model = model or DEFAULT_MODEL
     device = pick_device(device)
     if model in BUILTIN_MODELS:
         return load_builtin(model, device, pick_dtype(device, dtype) if device != "cpu" else torch.float32)
     if model.startswith(TINY_PREFIX):
-        from . import zoo
+        from attnedit.models import zoo
 
         family = model[len(TINY_PREFIX):]
         if family not in zoo.FAMILIES:
@@ -66,8 +66,8 @@ def default_model(task_name: str) -> str:
 
 def tiny_defaults(model: str | None, task_name: str) -> dict:
     """The built-in and tiny models only work at their small sizes: the task parameters to use unless given."""
-    from . import zoo
-    from .builtin import BUILTIN_MODELS, CALL_DEFAULTS, EDIT_DEFAULTS
+    from attnedit.models import zoo
+    from attnedit.shapes.builtin import BUILTIN_MODELS, CALL_DEFAULTS, EDIT_DEFAULTS
 
     model = model or default_model(task_name)
     if model in BUILTIN_MODELS:

@@ -1,16 +1,16 @@
 """The small trained models that ship with attnedit: the offline default and the ground each method is measured on.
 
 * ``shapes-t2i``: a Stable Diffusion pipeline (UNet with cross-attention, AutoencoderKL, CLIP text encoder) trained
-  on the procedural shapes world (:mod:`attnedit.world`) at 64x64 pixels, 16x16x4 latents.
+  on the procedural shapes world (:mod:`attnedit.shapes.world`) at 64x64 pixels, 16x16x4 latents.
 * ``shapes-t2v``: a Wan pipeline (WanTransformer3DModel, AutoencoderKLWan, UMT5 encoder) trained on moving shapes,
   32x32 pixels, 9 frames.
 * ``shapes-dit``: an SD3 pipeline (SD3Transformer2DModel: MM-DiT joint attention, flow matching) at 64x64 pixels
   on ``shapes-t2i``'s VAE, with two CLIP text encoders whose token features are their embeddings: a model whose
   attention, not convolutions, carries the content.
 
-Both are ordinary diffusers folders inside the package (``attnedit/models/<name>``, fp16 safetensors) and load
-with ``DiffusionPipeline.from_pretrained``. :mod:`attnedit.training` builds them from the untrained architectures
-below; ``python -m attnedit.training t2i`` reproduces a checkpoint from its seed.
+Both are ordinary diffusers folders inside the package (``attnedit/shapes/weights/<name>``, fp16 safetensors) and load
+with ``DiffusionPipeline.from_pretrained``. :mod:`attnedit.shapes.training` builds them from the untrained architectures
+below; ``python -m attnedit.shapes.training t2i`` reproduces a checkpoint from its seed.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from . import world, zoo
+from attnedit.models import zoo
+from attnedit.shapes import world
 
-MODELS_DIR = pathlib.Path(__file__).parent / "models"
+MODELS_DIR = pathlib.Path(__file__).parent / "weights"  # the trained checkpoints, one folder each
 BUILTIN_MODELS: dict[str, str] = {"shapes-t2i": "text-to-image", "shapes-t2v": "text-to-video",
                                   "shapes-dit": "text-to-image"}
 TEXT_LENGTH = 24  # longest world caption is 17 words; BOS/EOS included
@@ -69,7 +70,7 @@ def model_path(name: str) -> pathlib.Path:
         raise ValueError(f"unknown built-in model {name!r}; valid: {sorted(BUILTIN_MODELS)}")
     path = MODELS_DIR / name
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} has no model_index.json; train it with `python -m attnedit.training "
+        raise FileNotFoundError(f"{path} has no model_index.json; train it with `python -m attnedit.shapes.training "
                                 f"{name.removeprefix('shapes-')}`")
     return path
 

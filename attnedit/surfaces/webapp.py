@@ -1,6 +1,6 @@
 """The Gradio app: attention maps, grounded generation, DesignEdit, head guidance and radial video, one tab each.
 
-The work of each tab is a plain function in :mod:`attnedit.webapp_tabs`; this module only lays out components.
+The work of each tab is a plain function in :mod:`attnedit.surfaces.webapp_tabs`; this module only lays out components.
 Every button shares ``concurrency_id="model"``: one job at a time touches the model.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from . import webapp_tabs as tabs
-from .attention_maps import token_heatmaps
-from .edits import AttentionRecorder
-from .install import install
-from .loading import DEFAULT_MODEL, load_pipeline
+from attnedit.core.edits import AttentionRecorder
+from attnedit.core.install import install
+from attnedit.methods.attention_maps import token_heatmaps
+from attnedit.surfaces import webapp_tabs as tabs
+from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
 
 MAX_STEPS = 100
 

@@ -7,7 +7,7 @@ Selection" (arXiv:2506.10978). Rounds r = 1..R: for every candidate head h not y
 What this implementation adds to the paper's loop: generations are cached on disk by (head set, prompt, seed,
 generation settings), so nothing is generated twice (across rounds or runs); the search state is saved after
 every scored candidate and a rerun resumes from it; the result is a ranking JSON that
-:func:`attnedit.head_guidance.perturbed_guidance` loads directly (``heads="ranking.json"``).
+:func:`attnedit.methods.head_guidance.perturbed_guidance` loads directly (``heads="ranking.json"``).
 
 Objectives map an image batch ``(M, 3, H, W)`` in [0, 1] to scores ``(M,)`` (higher is better): any function,
 :class:`ClipScore` (transformers' ``CLIPModel``), :class:`AestheticScore` (a linear head on CLIP image embeddings,
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .head_guidance import PERTURBED_KIND, format_heads, perturbed_guidance, resolve_heads
-from .install import install
+from attnedit.core.install import install
+from attnedit.methods.head_guidance import PERTURBED_KIND, format_heads, perturbed_guidance, resolve_heads
 
 __all__ = ["AestheticScore", "ClipScore", "HeadHunter", "colorfulness", "headhunter"]
 
@@ -305,12 +305,12 @@ def headhunter(pipe: Any, objective: Objective, prompts: Sequence[str], seeds: S
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m attnedit.headhunter --model tiny:sd3 --prompt "a cat" --layers 1 --workdir runs/hh``."""
+    """``python -m attnedit.methods.headhunter --model tiny:sd3 --prompt "a cat" --layers 1 --workdir runs/hh``."""
     import argparse
 
-    from .loading import load_pipeline
+    from attnedit.surfaces.loading import load_pipeline
 
-    parser = argparse.ArgumentParser(prog="python -m attnedit.headhunter", description="HeadHunter greedy head search.")
+    parser = argparse.ArgumentParser(prog="python -m attnedit.methods.headhunter", description="HeadHunter greedy head search.")
     parser.add_argument("--model", help="hub id, local folder or tiny:<family>")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

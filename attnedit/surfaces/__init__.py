@@ -1,0 +1,1 @@
+"""What people use: the command line, batch jobs, the Gradio app, pipeline loading and result writing."""
