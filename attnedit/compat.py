@@ -21,6 +21,7 @@ MOVED = {
     }.items()
     for name in names
 }
+MOVED["attnedit.pipelines.design_models"] = "attnedit.pipelines.design_inversion"  # DesignEdit's model half
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):

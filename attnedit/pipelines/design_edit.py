@@ -5,7 +5,7 @@ and Fusion for Unified & Accurate Image Editing" (arXiv:2403.14487, AAAI 2025):
 
 1. *Decomposition.* Each image is inverted (empty prompt, conditional only), keeping every intermediate latent
    x*_t: DDIM on the UNets, the Euler inversion of the velocity ODE on the flow-matching transformers
-   (``design_models``). The background is inpainted by key masking (:class:`~attnedit.methods.key_masking.DesignKeyMask`)
+   (``design_inversion``). The background is inpainted by key masking (:class:`~attnedit.methods.key_masking.DesignKeyMask`)
    on the conditional branch for steps ``mask_from``..``mask_until`` of the run, with latent blending
    z <- M z + (1 - M) x*_t against the reconstruction and proximal guidance for t < 400:
    z <- z - s (z - x*_t)(1 - M_edit), M_edit = dilate(|f_c - f_u| > q-quantile) OR M.
@@ -27,6 +27,9 @@ parameter; the vertical move direction is image convention (+dy = down); outside
 pixels are pasted back (``paste_back``); inversion may be refined to a fixed point (``inversion_iterations``).
 The prompt is empty for both CFG branches, so guidance amplifies only the key-mask difference.
 
+Modules: inversion and one sampler step per model family in ``design_inversion``, the sampling loop with
+blending and fusion in ``design_fusion``, geometry in ``design_canvas``; the operations are here.
+
 >>> editor = DesignEditor(pipe)                               # a loaded SD / SDXL / SD3 / FLUX pipeline  # doctest: +SKIP
 >>> out = editor.remove("photo.png", "mask.png")              # PIL image of the source size  # doctest: +SKIP
 >>> out = editor.move(image, (40, 60, 120, 160), dx=80, dy=0)  # a box stands in for a mask  # doctest: +SKIP
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +47,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from attnedit.core.install import install
-from attnedit.methods.key_masking import DesignKeyMask, MaskLike, check_mask, dilate_kernel, dilate_mask, load_mask
+from attnedit.methods.key_masking import MaskLike, check_mask, dilate_kernel, dilate_mask, load_mask
 from attnedit.pipelines.design_canvas import (
     Canvas,
     Layer,
@@ -58,7 +59,8 @@ from attnedit.pipelines.design_canvas import (
     shift,
     to_pil,
 )
-from attnedit.pipelines.design_models import EditModel, Run, ddim_move, edit_model
+from attnedit.pipelines.design_fusion import denoise
+from attnedit.pipelines.design_inversion import EditModel, Run, ddim_move, edit_model
 
 __all__ = [
     "Canvas", "DesignEditConfig", "DesignEditor", "ObjectLayer", "bbox", "ddim_move", "fit_to", "load_image",
@@ -188,63 +190,11 @@ class DesignEditor:
             raise ValueError(f"dilation={px!r} must be a non-negative integer number of pixels")
         return dilate_kernel(mask, round(px * max(mask.shape) / self.native))
 
-    # -- the DesignEdit loop -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _denoise(self, latents: list[torch.Tensor], run: Run, hole: torch.Tensor | None,
                  layers: list[Layer], refine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sample the background from x*_T, key-masked and blended inside ``hole`` (h, w); fuse ``layers``.
-
-        ``refine`` (h, w) only hides keys, for the first ``refine_until`` of the steps. Returns the final latent
-        (1, C, h, w) and the edited region (1, 1, h, w) (None for a plain reconstruction).
-        """
-        cfg = self.config
-        start = cfg.start(cfg.mask_from)
-        windows = [(hole, cfg.step(cfg.mask_until)), (refine, cfg.step(cfg.refine_until))]
-        edits = [DesignKeyMask(mask=m, mode=cfg.mode, steps=(start, stop), kinds=self.model.kinds)
-                 for m, stop in windows if m is not None and stop > start]
-        region = None if hole is None else (hole > 0).to(latents[0].dtype)[None, None]
-        z = latents[0].clone()
-        if region is not None and cfg.hole_noise > 0:  # small UNets carry the object through their convolutions
-            fresh = torch.randn(z.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(z)
-            mixed = (1 - cfg.hole_noise) ** 0.5 * z + cfg.hole_noise ** 0.5 * fresh  # keeps unit variance
-            z = region * mixed + (1 - region) * z
-        with install(self.model.denoiser, *edits) if edits else nullcontext() as handle:
-            branches = ("uncond", "cond") if cfg.guidance_scale > 1 else ("cond",)
-            with handle.branches(*branches) if handle else nullcontext():
-                for i in range(len(run.timesteps)):
-                    if layers and i == cfg.step(cfg.fuse_at):
-                        z, region = self._fuse(z, layers, i, region)
-                    z = self._step(z, run, latents[i + 1], region, i)
-        return z, region
-
-    def _step(self, z: torch.Tensor, run: Run, target: torch.Tensor, region: torch.Tensor | None, i: int) -> torch.Tensor:
-        """One sampler step with CFG, then latent blending and proximal guidance toward the reconstruction ``target``."""
-        cfg, model = self.config, self.model
-        if cfg.guidance_scale > 1:  # the [uncond, cond] pair in one batch (FLUX, one pass, never gets here)
-            out_u, out_c = model.predict(run, torch.cat([z, z]), i).chunk(2)
-            out = out_u + cfg.guidance_scale * (out_c - out_u)
-        else:
-            out_u = out_c = out = model.predict(run, z, i)
-        z = model.step(run, z, out, i)
-        if region is None:
-            return z
-        if i < cfg.step(cfg.blend_until):
-            z = region * z + (1 - region) * target
-        if float(run.timesteps[i]) < cfg.proximal_below and cfg.proximal_strength > 0:
-            change = (out_c - out_u).abs().mean(dim=1, keepdim=True)
-            edited = (change > change.flatten().quantile(cfg.proximal_quantile)).float()
-            edited = torch.maximum(F.max_pool2d(edited, 3, stride=1, padding=1), region)
-            z = z - cfg.proximal_strength * (z - target) * (1 - edited)
-        return z
-
-    @staticmethod
-    def _fuse(z: torch.Tensor, layers: list[Layer], i: int, region: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Paste each layer's translated latent over the canvas: z <- (1 - T(M)) z + T(M) T(x*_l)."""
-        for layer in layers:
-            mask = shift(layer.mask, *layer.offset)
-            z = (1 - mask) * z + mask * shift(layer.latents[i], *layer.offset)
-            region = mask if region is None else torch.maximum(region, mask)
-        return z, region
+        """The DesignEdit loop (:func:`~attnedit.pipelines.design_fusion.denoise`) on this editor's model."""
+        return denoise(self.model, self.config, latents, run, hole, layers, refine)
 
     # -- helpers turning user inputs into layers -------------------------------------------------------------------
     def _canvas(self, x: torch.Tensor) -> Canvas:
