@@ -1,0 +1,317 @@
+"""One call, every method: a pipeline made with ``from_pipe`` whose ``__call__`` composes attnedit's edits.
+
+>>> pipe = AttnEditPipeline.from_pipe(sd_pipe)            # shares sd_pipe's modules; isinstance(pipe, type(sd_pipe))  # doctest: +SKIP
+>>> image = pipe(layout=layout, pag_heads="L7", pag_scale=3.0, key_mask=hole).images[0]  # doctest: +SKIP
+
+The returned object is an instance of a subclass of the stock pipeline's class (``AttnEditStableDiffusionPipeline``
+for ``StableDiffusionPipeline``, made once per stock class), built by diffusers' own ``DiffusionPipeline.from_pipe``,
+so every component is the same object as in the stock pipeline and no weight is copied. Its ``__call__`` takes the
+stock call's arguments plus the keyword options below, installs the edits for the duration of the call (processors
+and hooks are restored on exit, also on exceptions) and runs the stock ``__call__``, or
+:func:`attnedit.pipelines.refocusing.refocus` when ``layout=`` is given. With no option set it *is* the stock call.
+
+=================  ===============================================================================================
+option             method
+=================  ===============================================================================================
+``layout``         attention refocusing toward a :class:`~attnedit.methods.refocusing.Layout` (SD 1.x, SDXL, SD3, FLUX.1);
+                   ``refocus_config`` (a ``RefocusConfig``) and ``refocus_options`` (other ``refocus`` keywords,
+                   e.g. ``return_losses``) tune it
+``pag_heads``      head-level SoftPAG guidance on these heads (:func:`~attnedit.methods.head_guidance.perturbed_guidance`);
+                   ``pag_scale`` (w_pag), ``pag_strength`` (u), ``pag_options`` (``steps``, ``target``, ...)
+``key_mask``       a :class:`~attnedit.core.edits.KeyMask`, or a mask (tensor, array, PIL image; (H, W) or video
+                   (F, H, W), 1 = hidden) that becomes ``KeyMask(mask=...)``
+``radial``         radial sparse attention (Wan, HunyuanVideo): ``True`` (the family's preset), a preset name, a
+                   dict of preset overrides, or a :class:`~attnedit.methods.radial.RadialAttention`
+``edits``          further edits of your own, installed with the others
+``edit_backend``   the attention backend of the installation (``"auto"``, ``"reference"``, ...)
+=================  ===============================================================================================
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import inspect
+import json
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+from attnedit.core.edits import Edit, KeyMask
+from attnedit.core.families import detect_family
+from attnedit.core.install import install
+from attnedit.methods.head_guidance import perturbed_guidance
+from attnedit.methods.radial import FAMILIES as RADIAL_FAMILIES
+from attnedit.methods.radial import RadialAttention
+from attnedit.methods.refocusing import Layout, RefocusConfig
+from attnedit.pipelines.refocusing import SUPPORTED as REFOCUS_FAMILIES
+from attnedit.pipelines.refocusing import refocus
+
+__all__ = ["OPTIONS", "AttnEditPipeline", "edit_pipeline_class"]
+
+# The keyword options the edit pipeline's __call__ adds to the stock call, with their "not set" values.
+OPTIONS: dict[str, Any] = {
+    "layout": None, "refocus_config": None, "refocus_options": None,
+    "pag_heads": None, "pag_scale": None, "pag_strength": None, "pag_options": None,
+    "key_mask": None, "radial": None, "edits": (), "edit_backend": "auto",
+}
+_CLASSES: dict[type, type] = {}
+_KEEP_DTYPE = contextvars.ContextVar("attnedit_keep_dtype", default=False)
+
+
+class AttnEditPipeline:
+    """Mixin of every edit pipeline; ``AttnEditPipeline.from_pipe(pipe)`` makes one from a stock pipeline."""
+
+    _attnedit_stock: type  # the stock pipeline class, set on each generated subclass
+
+    @classmethod
+    def from_pipe(cls, pipeline: Any, **kwargs: Any) -> Any:
+        """An edit pipeline sharing ``pipeline``'s components (diffusers' ``from_pipe``; no weight is copied).
+
+        Unlike diffusers' ``from_pipe``, the shared modules keep their dtype unless ``torch_dtype=`` is passed:
+        diffusers casts to float32 by default, in place, which would change the stock pipeline too.
+        """
+        if "custom_pipeline" in kwargs:
+            raise ValueError("custom_pipeline= is not supported: the edit pipeline is a subclass of the stock pipeline's class")
+        _check_pipeline(pipeline)
+        target = edit_pipeline_class(type(pipeline)) if cls is AttnEditPipeline else cls
+        token = _KEEP_DTYPE.set("torch_dtype" not in kwargs and "dtype" not in kwargs)
+        try:
+            new = DiffusionPipeline.from_pipe.__func__(target, pipeline, **kwargs)
+        finally:
+            _KEEP_DTYPE.reset(token)
+        if getattr(pipeline, "_progress_bar_config", None) is not None:  # not part of the config: carry it over
+            new.set_progress_bar_config(**pipeline._progress_bar_config)
+        return new
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        if _KEEP_DTYPE.get() and not args and set(kwargs) == {"dtype"}:  # from_pipe's default float32 cast
+            return self
+        return super().to(*args, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The stock class name in ``model_index.json``, so a saved edit pipeline loads as the stock one."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = self._attnedit_stock.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @property
+    def stock_class(self) -> type:
+        return self._attnedit_stock
+
+    def _edit_call(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Split the options off, validate them, install the edits and run the stock call (or ``refocus``)."""
+        options = {name: kwargs.pop(name, default) for name, default in OPTIONS.items()}
+        stock_call = self._attnedit_stock.__call__
+        if all(_unset(name, value) for name, value in options.items() if name != "edit_backend"):
+            return stock_call(self, *args, **kwargs)
+        family = _family(self)
+        _check_options(self, options, family)
+        edits = _collect_edits(options, family)
+        layout, heads, backend = options["layout"], options["pag_heads"], options["edit_backend"]
+        with ExitStack() as stack:
+            handle = None
+            if heads is not None:
+                pag = {k: v for k, v in (("scale", options["pag_scale"]), ("strength", options["pag_strength"])) if v is not None}
+                pag.update(options["pag_options"] or {})
+                handle = stack.enter_context(perturbed_guidance(self, heads, **pag, backend=backend))
+            if layout is not None:
+                if handle is None and backend != "auto":  # refocus() installs with the default backend otherwise
+                    handle = stack.enter_context(install(self, backend=backend))
+                kwargs = _refocus_kwargs(self, layout, args, kwargs)
+                config = _refocus_config(options["refocus_config"], family, heads is not None)
+                return refocus(self, layout, edits=tuple(edits), handle=handle,
+                               **({} if config is None else {"config": config}), **(options["refocus_options"] or {}),
+                               **kwargs)
+            if edits:
+                handle = stack.enter_context(install(self, *edits, backend=backend))
+            if handle is not None:  # a call is a new run, also inside an enclosing installation
+                handle.new_run()
+            return stock_call(self, *args, **kwargs)
+
+
+def edit_pipeline_class(stock: type) -> type:
+    """The edit pipeline class of a stock pipeline class (``AttnEdit<Name>``), created once and cached.
+
+    Its ``__call__`` has the stock call's signature plus the keyword-only :data:`OPTIONS` (so ``inspect`` and
+    ``help()`` show both, and code that reads the stock defaults from the signature still finds them).
+    """
+    stock = getattr(stock, "_attnedit_stock", stock)  # an edit pipeline's class: its stock class
+    if stock in _CLASSES:
+        return _CLASSES[stock]
+    if not (isinstance(stock, type) and issubclass(stock, DiffusionPipeline)) or stock is DiffusionPipeline:
+        raise ValueError(f"{getattr(stock, '__name__', stock)!r} is not a diffusers pipeline class")
+    signature = inspect.signature(stock.__call__)
+    taken = sorted(set(OPTIONS) & set(signature.parameters))
+    if taken:
+        raise ValueError(f"{stock.__name__} is not supported: its __call__ already takes {taken}, which the edit "
+                         "pipeline adds (use attnedit.install with the stock pipeline instead)")
+    params = list(signature.parameters.values())
+    tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in OPTIONS.items()]
+    call_signature = signature.replace(parameters=[p for p in params if p not in tail] + ours + tail)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._edit_call(args, kwargs)
+
+    __call__.__signature__ = call_signature
+    __call__.__doc__ = (f"{stock.__name__}.__call__ with attnedit's options ({', '.join(OPTIONS)}); see "
+                        f"attnedit.pipelines.edit_pipeline.\n\n{stock.__call__.__doc__ or ''}")
+    name = f"AttnEdit{stock.__name__}"
+    cls = type(name, (AttnEditPipeline, stock), {
+        "__call__": __call__, "__module__": __name__, "__qualname__": name, "_attnedit_stock": stock,
+        "__doc__": f"{stock.__name__} whose __call__ also composes attnedit's edits (AttnEditPipeline.from_pipe).",
+    })
+    globals().setdefault(name, cls)  # picklable by name (the first stock class of that name)
+    _CLASSES[stock] = cls
+    return cls
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _denoiser(pipe: Any) -> torch.nn.Module | None:
+    for name in ("unet", "transformer"):
+        model = getattr(pipe, name, None)
+        if isinstance(model, torch.nn.Module):
+            return model
+    return None
+
+
+def _check_pipeline(pipe: Any) -> None:
+    if not isinstance(pipe, DiffusionPipeline):
+        raise ValueError(f"from_pipe needs a diffusers pipeline; got {type(pipe).__name__}")  # noqa: TRY004
+    model = _denoiser(pipe)
+    if model is None:
+        raise ValueError(f"{type(pipe).__name__} is not supported: it has neither a unet nor a transformer")
+    try:
+        detect_family(model)
+    except ValueError as error:
+        raise ValueError(f"{type(pipe).__name__} is not supported: {error}") from None
+
+
+def _family(pipe: Any) -> str:
+    model = _denoiser(pipe)
+    if model is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    return detect_family(model).name
+
+
+def _refocus_config(config: RefocusConfig | None, family: str, guided: bool) -> RefocusConfig | None:
+    """With SoftPAG, refocusing's gradient forwards run without gradient checkpointing (FLUX's default).
+
+    A checkpointed block is recomputed in the backward pass outside the forward's branch layout
+    ([cond, perturbed] rows under ``handle.branches``), so the recomputation differs (torch's CheckpointError).
+    """
+    if not guided:
+        return config
+    wanted = (config or RefocusConfig()).gradient_checkpointing
+    if wanted:
+        raise ValueError("refocus_config.gradient_checkpointing=True cannot be combined with pag_heads=: checkpointed "
+                         "blocks are recomputed without the perturbed branch's rows; use gradient_checkpointing=False")
+    if wanted is None and family == "flux":
+        return dataclasses.replace(config or RefocusConfig(), gradient_checkpointing=False)
+    return config
+
+
+def _unset(name: str, value: Any) -> bool:
+    return value is None or value is False or (name == "edits" and not value)
+
+
+def _as_key_mask(value: Any) -> KeyMask:
+    """A :class:`KeyMask` as given, or one hiding the keys of a mask (values in [0, 1], 8-bit ones / 255)."""
+    if isinstance(value, KeyMask):
+        return value
+    if not isinstance(value, (torch.Tensor, np.ndarray)):
+        from PIL import Image
+
+        if not isinstance(value, Image.Image):
+            raise ValueError(f"key_mask= takes a KeyMask or a mask tensor / array / PIL image; got {type(value).__name__}")  # noqa: TRY004
+        value = np.asarray(value.convert("L"))
+    mask = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value).detach().cpu()
+    if mask.dtype == torch.uint8:
+        mask = mask.float() / 255
+    mask = mask.float()
+    if mask.ndim not in (2, 3) or mask.numel() == 0:
+        raise ValueError(f"key_mask= must be (H, W) or video (F, H, W); got shape {tuple(mask.shape)}")
+    if not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError("key_mask= values must be in [0, 1] (1 = hidden) or 8-bit (0..255)")
+    return KeyMask(mask=mask)
+
+
+def _as_radial(value: Any, family: str) -> RadialAttention:
+    """``True``: the family's preset; a name: that preset; a dict: the family's preset with these fields."""
+    if family not in RADIAL_FAMILIES:
+        raise ValueError(f"radial= needs a video diffusion transformer ({', '.join(RADIAL_FAMILIES)}); this pipeline is {family}")
+    if isinstance(value, RadialAttention):
+        return value
+    if value is True:
+        return RadialAttention.preset(family)
+    if isinstance(value, str):
+        return RadialAttention.preset(value)
+    if isinstance(value, dict):
+        return RadialAttention.preset(family, **value)
+    raise ValueError(f"radial={value!r} must be True, a preset name, a dict of RadialAttention fields or a RadialAttention")
+
+
+def _collect_edits(options: dict[str, Any], family: str) -> list[Edit]:
+    """The edits installed for the whole call, in order: key mask, radial attention, the user's own."""
+    edits: list[Edit] = []
+    if options["key_mask"] is not None:
+        edits.append(_as_key_mask(options["key_mask"]))
+    if not _unset("radial", options["radial"]):
+        edits.append(_as_radial(options["radial"], family))
+    extra = options["edits"]
+    extra = (extra,) if isinstance(extra, Edit) else tuple(extra or ())
+    bad = [e for e in extra if not isinstance(e, Edit)]
+    if bad:
+        raise ValueError(f"edits= takes attnedit Edit objects; got {bad!r}")
+    return edits + list(extra)
+
+
+def _check_options(pipe: Any, options: dict[str, Any], family: str) -> None:
+    """Clear errors for options that do not apply, before anything is installed."""
+    if options["pag_heads"] is None:
+        given = [n for n in ("pag_scale", "pag_strength", "pag_options") if options[n] is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without pag_heads=; name the perturbed heads, e.g. pag_heads='L1'")
+    elif set(options["pag_options"] or {}) & {"heads", "scale", "strength", "backend"}:
+        raise ValueError("pag_options= must not repeat heads/scale/strength/backend: use pag_heads, pag_scale, "
+                         "pag_strength and edit_backend")
+    layout = options["layout"]
+    if layout is None:
+        given = [n for n in ("refocus_config", "refocus_options") if options[n] is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without layout=")
+        return
+    if not isinstance(layout, Layout):
+        raise ValueError(f"layout={layout!r} must be an attnedit.methods.refocusing.Layout")  # noqa: TRY004
+    if family not in REFOCUS_FAMILIES:
+        raise ValueError(f"layout= (attention refocusing) supports SD 1.x, SDXL, SD3 and FLUX.1 text-to-image "
+                         f"pipelines; {type(pipe).__name__} is {family}")
+    config = options["refocus_config"]
+    if config is not None and not isinstance(config, RefocusConfig):
+        raise ValueError(f"refocus_config={config!r} must be a RefocusConfig")
+    taken = set(options["refocus_options"] or {}) & {"config", "edits", "handle", "layout"}
+    if taken:
+        raise ValueError(f"refocus_options= must not set {sorted(taken)}: use refocus_config=, edits=, key_mask=, ...")
+
+
+def _refocus_kwargs(pipe: Any, layout: Layout, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The stock call's arguments as keywords for ``refocus``; a prompt must be the layout's."""
+    names = [p.name for p in inspect.signature(pipe._attnedit_stock.__call__).parameters.values()
+             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+    if len(args) > len(names):
+        raise ValueError(f"too many positional arguments for {pipe._attnedit_stock.__name__}")
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    prompt = kwargs.pop("prompt", None)
+    if prompt is not None and prompt != layout.prompt and list(_as_list(prompt)) != [layout.prompt]:
+        raise ValueError(f"prompt={prompt!r} differs from layout.prompt={layout.prompt!r}; with layout= the prompt "
+                         "is the layout's (leave prompt= out)")
+    return kwargs
+
+
+def _as_list(value: Any) -> Sequence[Any]:
+    return value if isinstance(value, (list, tuple)) else [value]
