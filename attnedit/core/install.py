@@ -113,7 +113,7 @@ class Installation:
         self.backend = backend
         self.state = RunState(self.family, self.pipeline)
         self.edits = edits
-        self._attach()
+        self.attach()
 
     # -- edits ---------------------------------------------------------------------------------------------
     @property
@@ -168,7 +168,9 @@ class Installation:
             self.state.branch_override = previous
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def _attach(self) -> None:
+    def attach(self) -> None:
+        """Put the edit processors and the step hook on (``install`` does; after ``remove()`` it re-attaches the
+        same installation, sites and run state, e.g. for refocusing's gradient forwards only)."""
         try:
             for model in self.models:
                 modules = dict(model.named_modules())
@@ -247,15 +249,15 @@ def _denoisers(target: Any) -> list[torch.nn.Module]:
     and the step hook go on the wrapped model (whose attention modules the compiled forward calls).
     """
     if isinstance(target, torch.nn.Module):
-        return [_unwrap_compiled(target)]
+        return [unwrap_compiled(target)]
     if _is_pipeline(target):
         found = [getattr(target, n) for n in ("unet", "transformer", "transformer_2") if getattr(target, n, None) is not None]
         if found:
-            return [_unwrap_compiled(m) for m in found]
+            return [unwrap_compiled(m) for m in found]
     raise ValueError(f"{type(target).__name__} is neither a diffusers pipeline with a unet/transformer nor a denoiser model")
 
 
-def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     """The model a ``torch.compile`` wrapper (``OptimizedModule``) compiles; any other model as it is."""
     while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
         model = model._orig_mod

@@ -38,7 +38,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from attnedit.core.edits import HeadBlend
 from attnedit.core.families import Site
-from attnedit.core.install import Installation, _unwrap_compiled, install
+from attnedit.core.install import Installation, install, unwrap_compiled
 
 __all__ = [
     "PERTURBED_KIND", "SoftPAG", "format_heads", "head_presets", "load_heads", "parse_heads", "perturbed_guidance",
@@ -246,7 +246,7 @@ class _GuidanceHook(ModelHook):
         if pipe is None:
             raise ValueError("cfg_scale=None needs a pipeline to read its guidance scale from; pass cfg_scale")
         # Wan 2.2: transformer_2 (possibly torch.compile-wrapped) runs the low-noise steps with guidance_scale_2
-        second_model = _unwrap_compiled(getattr(pipe, "transformer_2", None))
+        second_model = unwrap_compiled(getattr(pipe, "transformer_2", None))
         second = second_model is self.model and getattr(pipe, "_guidance_scale_2", None)
         return float(second or pipe.guidance_scale)
 

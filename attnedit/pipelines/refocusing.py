@@ -152,7 +152,7 @@ class _Refocuser:
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         if not self.transient:
             return self._refocus(self.handle, latents, t, step)
-        self.handle._attach()  # the same installation (sites, run state), put back on for this step only
+        self.handle.attach()  # the same installation (sites, run state), put back on for this step only
         try:
             return self._refocus(self.handle, latents, t, step)
         finally:

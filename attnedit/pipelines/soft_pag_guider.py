@@ -30,7 +30,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_n
 from diffusers.hooks import HookRegistry, ModelHook
 
 from attnedit.core.attention import BACKENDS
-from attnedit.core.install import _unwrap_compiled, install
+from attnedit.core.install import install, unwrap_compiled
 from attnedit.methods.head_guidance import HeadSpec, SoftPAG, _prefix_blocks, format_heads, head_presets, soft_pag
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class SoftPAGGuidance(BaseGuidance):
     # -- model preparation: the SoftPAG edit on the perturbed pass only ----------------------------------------
     def resolve(self, denoiser: torch.nn.Module) -> SoftPAG:
         """The SoftPAG edit for ``denoiser``: heads checked against its sites (ValueError naming a missing one)."""
-        model = _unwrap_compiled(denoiser)
+        model = unwrap_compiled(denoiser)
         if self._resolved is None or self._resolved[0]() is not model:
             edit = soft_pag(model, self.heads, self.strength, target=self.target, scope=self.scope,
                             branches=frozenset({"perturbed"}))
@@ -205,7 +205,7 @@ class SoftPAGGuidance(BaseGuidance):
         stack = ExitStack()
         self._pass = stack
         try:
-            model = _unwrap_compiled(denoiser)
+            model = unwrap_compiled(denoiser)
             modules = dict(model.named_modules())
             if name == "pred_cond":  # keep the prefix blocks' outputs for the perturbed pass
                 for block in prefix:
