@@ -350,6 +350,34 @@ def test_composes_with_softpag_and_key_masks(tiny_pipe):
     assert abs(masked - alone).max() > 1e-3 and abs(masked - both).max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_refocusing_forwards_under_softpag_carry_no_guidance_rows(tiny_pipe, family):
+    """perturbed_guidance leaves refocusing's gradient forwards alone: cond rows only, and FLUX's checkpointed
+    blocks recompute the same rows in the backward pass (no CheckpointError)."""
+    from attnedit.methods.head_guidance import perturbed_guidance
+
+    pipe = tiny_pipe(family)
+    with install(pipe) as probe:
+        first = dict(denoiser(pipe).named_modules())[probe.sites[0].name]  # the first attention call's rows
+    rows = []
+
+    def note(module, args, kwargs):
+        latent = kwargs.get("hidden_states")
+        rows.append(((args[0] if latent is None else latent).shape[0], torch.is_grad_enabled()))
+
+    hook = first.register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        with perturbed_guidance(pipe, heads="L0", scale=2.0) as handle:
+            never_stop = dataclasses.replace(FAST, peak_threshold=1.01, loss_threshold=0.0)  # every iteration backward
+            refocus(pipe, LAYOUT, handle=handle, config=never_stop, num_inference_steps=2, generator=gen(),
+                    output_type="latent", **({"max_sequence_length": 32} if family == "flux" else {}))
+    finally:
+        hook.remove()
+    gradient = [n for n, grad in rows if grad]
+    assert gradient and set(gradient) == {1}  # refocusing: one cond row, no perturbed copy
+    assert max(n for n, grad in rows if not grad) == (2 if family == "flux" else 3)  # the pipeline's: + perturbed
+
+
 def test_gradient_checkpointing_gives_the_same_updates(tiny_pipe, monkeypatch):
     pipe = tiny_pipe("sd15")
     calls = []

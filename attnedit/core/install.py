@@ -29,6 +29,9 @@ class RunState:
         self.family = family
         self.pipeline = pipeline
         self.branch_override: tuple[str, ...] | None = None
+        # True during forwards that are not the pipeline's denoising calls (refocusing's gradient forwards):
+        # guidance hooks pass them through, so they add no guidance rows to a forward nobody samples from
+        self.auxiliary = False
         self.new_run()
 
     def new_run(self) -> None:

@@ -254,7 +254,7 @@ class _GuidanceHook(ModelHook):
         forward, state = self.fn_ref.original_forward, self.handle.state
         branches = state.batch_branches()
         in_window = self.steps is None or self.steps[0] <= state.step < self.steps[1]
-        if not in_window or "cond" not in branches or "perturbed" in branches:
+        if not in_window or "cond" not in branches or "perturbed" in branches or state.auxiliary:
             return forward(*args, **kwargs)
         batch = _batch_size(module, args, kwargs)
         n = batch // len(branches)

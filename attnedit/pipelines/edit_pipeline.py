@@ -123,7 +123,7 @@ class AttnEditPipeline:
                 if handle is None and backend != "auto":  # refocus() installs with the default backend otherwise
                     handle = stack.enter_context(install(self, backend=backend))
                 kwargs = _refocus_kwargs(self, layout, args, kwargs)
-                config = _refocus_config(options["refocus_config"], family, heads is not None)
+                config = options["refocus_config"]
                 return refocus(self, layout, edits=tuple(edits), handle=handle,
                                **({} if config is None else {"config": config}), **(options["refocus_options"] or {}),
                                **kwargs)
@@ -197,23 +197,6 @@ def _family(pipe: Any) -> str:
     if model is None:
         raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
     return detect_family(model).name
-
-
-def _refocus_config(config: RefocusConfig | None, family: str, guided: bool) -> RefocusConfig | None:
-    """With SoftPAG, refocusing's gradient forwards run without gradient checkpointing (FLUX's default).
-
-    A checkpointed block is recomputed in the backward pass outside the forward's branch layout
-    ([cond, perturbed] rows under ``handle.branches``), so the recomputation differs (torch's CheckpointError).
-    """
-    if not guided:
-        return config
-    wanted = (config or RefocusConfig()).gradient_checkpointing
-    if wanted:
-        raise ValueError("refocus_config.gradient_checkpointing=True cannot be combined with pag_heads=: checkpointed "
-                         "blocks are recomputed without the perturbed branch's rows; use gradient_checkpointing=False")
-    if wanted is None and family == "flux":
-        return dataclasses.replace(config or RefocusConfig(), gradient_checkpointing=False)
-    return config
 
 
 def _unset(name: str, value: Any) -> bool:

@@ -176,11 +176,13 @@ class _Refocuser:
                 hook = dict(model.named_modules())[self.stop_site.name].register_forward_hook(stop)
             if checkpointing:
                 model.enable_gradient_checkpointing()
+            state.auxiliary = True  # guidance hooks (perturbed_guidance) leave these forwards alone
             with handle.branches("cond"):
                 x, history = refocus_latents(lambda z: self._run(z, t, stop), latents, step, self.recorders,
                                              self.layout, self.tokens, self.config)
         finally:
             handle.edits = base
+            state.auxiliary = False
             if hook is not None:
                 hook.remove()
             if checkpointing:
