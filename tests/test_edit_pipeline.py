@@ -24,7 +24,7 @@ PROMPT = zoo.call_kwargs("sd15")["prompt"]
 LAYOUT = Layout(PROMPT, (("red cat", [(0.0, 0.0, 0.5, 1.0)]), ("blue square", [(0.5, 0.25, 1.0, 0.75)])))
 # 2 refocused steps of 2 iterations; no early stop on the box peak (tiny FLUX's 4x4 grid reaches it at once)
 REFOCUS = RefocusConfig(refocus_steps=2, iterations=((1 << 30, 2),), peak_threshold=1.01)
-HEADS = {"sd15": "L1", "sdxl": "L1", "sd3": "L1", "flux": "L1", "wan": "L1"}
+HEADS = {"sd15": "L1", "sdxl": "L1", "sd3": "L1", "flux": "L1", "wan": "L1", "hunyuan_video": "L1", "wan22": "L1"}
 VIDEO = {"num_frames": 13, "height": 128, "width": 128}  # tiny Wan: 4 latent frames of 8 x 8 tokens
 RADIAL = {"decay": 0.5, "block_size": 16, "dense_steps": 0, "dense_layers": 0}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -132,7 +132,7 @@ def test_layout_equals_refocus(tiny_pipe, family):
     torch.testing.assert_close(run(p, family, layout=LAYOUT, refocus_config=REFOCUS), expected, **TOL)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "wan"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "wan", "wan22", "hunyuan_video"])
 def test_pag_equals_perturbed_guidance(tiny_pipe, family):
     pipe = tiny_pipe(family)
     p = AttnEditPipeline.from_pipe(pipe)
@@ -143,7 +143,7 @@ def test_pag_equals_perturbed_guidance(tiny_pipe, family):
     torch.testing.assert_close(got, expected, **TOL)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "wan"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "wan", "hunyuan_video"])
 def test_key_mask_equals_install(tiny_pipe, family):
     pipe = tiny_pipe(family)
     p = AttnEditPipeline.from_pipe(pipe)
@@ -171,6 +171,16 @@ def test_radial_equals_install_on_wan(tiny_pipe):
     with install(pipe, RadialAttention.preset("wan")):  # True: the family's preset
         expected = run(pipe, "wan", **VIDEO)
     torch.testing.assert_close(run(p, "wan", radial=True, **VIDEO), expected, **TOL)
+
+
+def test_radial_equals_install_on_hunyuan_video(tiny_pipe):
+    pipe = tiny_pipe("hunyuan_video")
+    p = AttnEditPipeline.from_pipe(pipe)
+    edit = RadialAttention.preset("hunyuan_video", **RADIAL)
+    with install(pipe, edit):
+        expected = run(pipe, "hunyuan_video", **VIDEO)
+    assert differs(expected, run(pipe, "hunyuan_video", **VIDEO))
+    torch.testing.assert_close(run(p, "hunyuan_video", radial=RADIAL, **VIDEO), expected, **TOL)
 
 
 # -------------------------------------------------------------------------------------- several at once
