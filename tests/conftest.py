@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the hub
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,3 +30,13 @@ def tiny_pipe(zoo_dir):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models run as fast on one torch thread, and far faster when other processes share the cores
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a test module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

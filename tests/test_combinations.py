@@ -28,14 +28,7 @@ from attnedit.models import zoo
 from attnedit.processors.edit_processor import EditProcessor
 from attnedit.processors.projections import MASKING_BACKENDS, xformers_attention
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run as fast on one torch thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def latents(pipe, family: str, **overrides) -> torch.Tensor:

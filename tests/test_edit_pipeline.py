@@ -30,12 +30,7 @@ RADIAL = {"decay": 0.5, "block_size": 16, "dense_steps": 0, "dense_layers": 0}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen() -> torch.Generator:
@@ -159,28 +154,19 @@ def test_key_mask_equals_install(tiny_pipe, family):
     torch.testing.assert_close(run(p, family, key_mask=soft), expected, **TOL)
 
 
-def test_radial_equals_install_on_wan(tiny_pipe):
-    pipe = tiny_pipe("wan")
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_radial_equals_install(tiny_pipe, family):
+    pipe = tiny_pipe(family)
     p = AttnEditPipeline.from_pipe(pipe)
-    edit = RadialAttention.preset("wan", **RADIAL)
+    edit = RadialAttention.preset(family, **RADIAL)
     with install(pipe, edit):
-        expected = run(pipe, "wan", **VIDEO)
-    assert differs(expected, run(pipe, "wan", **VIDEO))
-    torch.testing.assert_close(run(p, "wan", radial=RADIAL, **VIDEO), expected, **TOL)  # preset overrides
-    torch.testing.assert_close(run(p, "wan", radial=edit, **VIDEO), expected, **TOL)
-    with install(pipe, RadialAttention.preset("wan")):  # True: the family's preset
-        expected = run(pipe, "wan", **VIDEO)
-    torch.testing.assert_close(run(p, "wan", radial=True, **VIDEO), expected, **TOL)
-
-
-def test_radial_equals_install_on_hunyuan_video(tiny_pipe):
-    pipe = tiny_pipe("hunyuan_video")
-    p = AttnEditPipeline.from_pipe(pipe)
-    edit = RadialAttention.preset("hunyuan_video", **RADIAL)
-    with install(pipe, edit):
-        expected = run(pipe, "hunyuan_video", **VIDEO)
-    assert differs(expected, run(pipe, "hunyuan_video", **VIDEO))
-    torch.testing.assert_close(run(p, "hunyuan_video", radial=RADIAL, **VIDEO), expected, **TOL)
+        expected = run(pipe, family, **VIDEO)
+    assert differs(expected, run(pipe, family, **VIDEO))
+    torch.testing.assert_close(run(p, family, radial=RADIAL, **VIDEO), expected, **TOL)  # preset overrides
+    torch.testing.assert_close(run(p, family, radial=edit, **VIDEO), expected, **TOL)
+    with install(pipe, RadialAttention.preset(family)):  # True: the family's preset
+        expected = run(pipe, family, **VIDEO)
+    torch.testing.assert_close(run(p, family, radial=True, **VIDEO), expected, **TOL)
 
 
 # -------------------------------------------------------------------------------------- several at once
