@@ -19,6 +19,9 @@ probe, per-step installation), and sets them against the plain generation and on
 says why a ratio is what it is: with ``n`` iterations of cost ``c`` each, refocused / plain >= 1 + n c / plain,
 whatever the rest costs.
 
+The same run times one prefix forward three ways (no gradients and no recording: what truncation leaves; with
+the recorders: what the dense path at the recorded sites adds; with gradients: what keeping activations adds).
+
 ``--flops`` adds a FLOP count of plain vs refocused generation for the published SD 1.5 (512 px), SDXL (1024 px)
 and FLUX.1 (1024 px) architectures, built on the meta device (no weights, no compute): the refocusing forward and
 backward as the pipeline runs them (probe, prefix, recorded layers on the dense path), times the iterations of the
@@ -162,6 +165,7 @@ def breakdown_worker(args: argparse.Namespace) -> dict:
     plain_s, refocused_s = median["plain_s"], median["refocused_s"]
     spent = {key: median[key] for key in spent}
     full_s = _full_conditional_forward_s(pipe, args)
+    variants = _prefix_variants_s(pipe, args)
     work = spent["prefix_forward"] + spent["backward"] + spent["loss"]  # the refocusing iterations themselves
     return {"rounds": len(rounds), "plain_s": plain_s, "refocused_s": refocused_s, "ratio": refocused_s / plain_s,
             "plain_step_s": plain_s / args.steps, "calls": counts, "seconds": spent,
@@ -169,7 +173,57 @@ def breakdown_worker(args: argparse.Namespace) -> dict:
             "other_s": refocused_s - plain_s - work,
             "full_conditional_forward_s": full_s,
             "prefix_share_of_full_forward": spent["prefix_forward"] / max(counts["prefix_forward"], 1) / full_s,
-            "ratio_floor": 1 + work / plain_s, "work_budget_for_1_6_s": 0.6 * plain_s}
+            "ratio_floor": 1 + work / plain_s, "work_budget_for_1_6_s": 0.6 * plain_s,
+            "prefix_forward_variants_s": variants}
+
+
+def _prefix_variants_s(pipe, args: argparse.Namespace) -> dict:
+    """CPU seconds of one refocusing prefix forward three ways: what truncation, recording and gradients cost."""
+    import torch
+
+    from attnedit import install
+    from attnedit.core.families import detect_family
+    from attnedit.methods.refocusing import Layout, RefocusConfig
+    from attnedit.models.zoo import denoiser
+    from attnedit.pipelines import refocusing as pr
+
+    model = denoiser(pipe)
+    family, size = detect_family(model).name, (SIZES.get(args.model, args.size),) * 2
+    layout = Layout.from_dict(LAYOUT)
+    forward = pr._conditioner(pipe, family, layout.prompt, size, 32)
+    x = pr._initial_noise(pipe, family, model, size, torch.Generator().manual_seed(0))
+    t = pr._timesteps(pipe, family, args.steps, x)[0]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with install(pipe) as handle:
+            recorders = pr._recorders(handle, pipe, forward, x, t, RefocusConfig())
+            refocuser = pr._Refocuser(handle, forward, recorders, layout, RefocusConfig(), None)
+            stop = pr._Prefix()
+            hook = dict(model.named_modules())[refocuser.stop_site.name].register_forward_hook(stop)
+
+            def prefix(grad: bool, record: bool) -> None:
+                for r in recorders:
+                    r.clear()
+                handle.edits = tuple(recorders) if record else ()
+                with torch.set_grad_enabled(grad), handle.branches("cond"):
+                    refocuser._run(x.detach().requires_grad_(grad), t, stop)
+
+            prefix(False, True)  # the first call checks that the stop site comes after every recorded map
+            out = {}
+            for name, grad, record in (("no_grad_no_recording", False, False), ("no_grad_recording", False, True),
+                                       ("grad_recording", True, True)):
+                prefix(grad, record)
+                start = time.process_time()
+                for _ in range(5):
+                    prefix(grad, record)
+                out[name] = (time.process_time() - start) / 5
+            hook.remove()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return out
 
 
 def _full_conditional_forward_s(pipe, args: argparse.Namespace) -> float:
