@@ -182,17 +182,13 @@ def _prefix_variants_s(pipe, args: argparse.Namespace) -> dict:
     import torch
 
     from attnedit import install
-    from attnedit.core.families import detect_family
     from attnedit.methods.refocusing import Layout, RefocusConfig
     from attnedit.models.zoo import denoiser
     from attnedit.pipelines import refocusing as pr
 
     model = denoiser(pipe)
-    family, size = detect_family(model).name, (SIZES.get(args.model, args.size),) * 2
     layout = Layout.from_dict(LAYOUT)
-    forward = pr._conditioner(pipe, family, layout.prompt, size, 32)
-    x = pr._initial_noise(pipe, family, model, size, torch.Generator().manual_seed(0))
-    t = pr._timesteps(pipe, family, args.steps, x)[0]
+    forward, x, t = _conditional_inputs(pipe, args)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -226,20 +222,26 @@ def _prefix_variants_s(pipe, args: argparse.Namespace) -> dict:
     return out
 
 
-def _full_conditional_forward_s(pipe, args: argparse.Namespace) -> float:
-    """CPU seconds of one whole conditional (batch 1) denoiser forward, no gradients, stock processors."""
+def _conditional_inputs(pipe, args: argparse.Namespace):
+    """(forward(x, t), x, t): the refocusing forward of the benchmark layout's prompt, its noise and first step."""
     import torch
 
     from attnedit.core.families import detect_family
     from attnedit.models.zoo import denoiser
     from attnedit.pipelines import refocusing as pr
 
-    family = detect_family(denoiser(pipe)).name
-    size = SIZES.get(args.model, args.size)
-    size = (size, size)
-    forward = pr._conditioner(pipe, family, "a red cat sitting on a blue square", size, 32)
-    x = pr._initial_noise(pipe, family, denoiser(pipe), size, torch.Generator().manual_seed(0))
-    t = pr._timesteps(pipe, family, args.steps, x)[0]
+    model = denoiser(pipe)
+    family, size = detect_family(model).name, (SIZES.get(args.model, args.size),) * 2
+    forward = pr._conditioner(pipe, family, LAYOUT["prompt"], size, 32)
+    x = pr._initial_noise(pipe, family, model, size, torch.Generator().manual_seed(0))
+    return forward, x, pr._timesteps(pipe, family, args.steps, x)[0]
+
+
+def _full_conditional_forward_s(pipe, args: argparse.Namespace) -> float:
+    """CPU seconds of one whole conditional (batch 1) denoiser forward, no gradients, stock processors."""
+    import torch
+
+    forward, x, t = _conditional_inputs(pipe, args)
     with torch.no_grad():
         forward(x, t)
         start = time.process_time()

@@ -24,6 +24,8 @@ image-token query rows (diffusers' PAG pipelines).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import pathlib
@@ -63,7 +65,7 @@ def parse_heads(spec: HeadSpec) -> list[tuple[int, int | None]]:
     """
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith(".json")):
         return parse_heads(load_heads(spec))
-    if isinstance(spec, str) and spec.strip() in head_presets():
+    if isinstance(spec, str) and spec.strip() in _shipped_presets():
         return parse_heads(load_heads(PRESETS / f"{spec.strip()}.json"))
     if isinstance(spec, dict):
         pairs = [(k, h) for k, hs in spec.items() for h in ([None] if hs is None else hs)]
@@ -87,7 +89,7 @@ def _parse_item(item: str) -> tuple[int, int | None]:
     match = _ITEM.match(item)
     if match is None:
         raise ValueError(f"head {item!r} is not 'layer:head' (7:3), 'layer:*' (7:*), 'L<layer>H<head>' (L7H3), 'L<layer>' (L7) "
-                         f"or a preset ({', '.join(sorted(head_presets())) or 'none shipped'})")
+                         f"or a preset ({', '.join(sorted(_shipped_presets())) or 'none shipped'})")
     a, b, c, d = match.groups()
     if a is not None:
         return int(a), None if b == "*" else int(b)
@@ -122,6 +124,12 @@ def load_heads(path: str | os.PathLike) -> list[tuple[int, int]]:
 def head_presets() -> dict[str, dict[str, Any]]:
     """The shipped head presets, ``{name: ranking}``: the heads a HeadHunter search found for that model (with
     its family, objective, search settings and held-out evaluation), nameable wherever heads are taken."""
+    return copy.deepcopy(_shipped_presets())
+
+
+@functools.cache
+def _shipped_presets() -> dict[str, dict[str, Any]]:
+    """The preset files, read once (every head-set parse checks a name against them)."""
     presets = {}
     for path in sorted(PRESETS.glob("*.json")):
         with open(path, encoding="utf-8") as f:
@@ -131,7 +139,7 @@ def head_presets() -> dict[str, dict[str, Any]]:
 
 def resolve_heads(spec: HeadSpec, sites: list[Site], family: str) -> dict[int, tuple[int, ...]]:
     """Validate a head set against a model's sites; returns ``{layer: heads}`` with whole layers expanded."""
-    preset = head_presets().get(spec.strip()) if isinstance(spec, str) else None
+    preset = _shipped_presets().get(spec.strip()) if isinstance(spec, str) else None
     if preset is not None and preset.get("family") not in (None, family):
         raise ValueError(f"heads={spec!r} is the preset of {preset.get('model')} (a {preset['family']} model); "
                          f"this model is {family}: search its own heads (attnedit heads) or name them")

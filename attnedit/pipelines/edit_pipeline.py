@@ -30,7 +30,6 @@ option             method
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import inspect
 import json
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ from attnedit.methods.head_guidance import perturbed_guidance
 from attnedit.methods.radial import FAMILIES as RADIAL_FAMILIES
 from attnedit.methods.radial import RadialAttention
 from attnedit.methods.refocusing import Layout, RefocusConfig
+from attnedit.models.zoo import denoiser
 from attnedit.pipelines.refocusing import SUPPORTED as REFOCUS_FAMILIES
 from attnedit.pipelines.refocusing import refocus
 
@@ -172,31 +172,17 @@ def edit_pipeline_class(stock: type) -> type:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _denoiser(pipe: Any) -> torch.nn.Module | None:
-    for name in ("unet", "transformer"):
-        model = getattr(pipe, name, None)
-        if isinstance(model, torch.nn.Module):
-            return model
-    return None
-
-
 def _check_pipeline(pipe: Any) -> None:
     if not isinstance(pipe, DiffusionPipeline):
         raise ValueError(f"from_pipe needs a diffusers pipeline; got {type(pipe).__name__}")  # noqa: TRY004
-    model = _denoiser(pipe)
-    if model is None:
-        raise ValueError(f"{type(pipe).__name__} is not supported: it has neither a unet nor a transformer")
     try:
-        detect_family(model)
+        _family(pipe)
     except ValueError as error:
         raise ValueError(f"{type(pipe).__name__} is not supported: {error}") from None
 
 
 def _family(pipe: Any) -> str:
-    model = _denoiser(pipe)
-    if model is None:
-        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-    return detect_family(model).name
+    return detect_family(denoiser(pipe)).name
 
 
 def _unset(name: str, value: Any) -> bool:

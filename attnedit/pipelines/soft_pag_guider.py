@@ -27,11 +27,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from attnedit.core.attention import BACKENDS
 from attnedit.core.install import install, unwrap_compiled
-from attnedit.methods.head_guidance import HeadSpec, SoftPAG, _prefix_blocks, format_heads, head_presets, soft_pag
+from attnedit.methods.head_guidance import (
+    HeadSpec,
+    SoftPAG,
+    _prefix_blocks,
+    _register,
+    format_heads,
+    head_presets,
+    soft_pag,
+)
 
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
@@ -213,7 +221,7 @@ class SoftPAGGuidance(BaseGuidance):
                     stack.callback(handle.remove)
             else:
                 for block in prefix if self._prefix_cache else []:
-                    _register(stack, modules[block], _CachedBlock(self._prefix_cache, block))
+                    _register(stack, modules[block], _CachedBlock(self._prefix_cache, block), _SKIP_HOOK)
                 stack.callback(self._prefix_cache.clear)
                 installation = stack.enter_context(install(model, edit, backend=self.backend))
                 stack.enter_context(installation.branches("perturbed"))
@@ -255,9 +263,3 @@ class SoftPAGGuidance(BaseGuidance):
         if self.guidance_rescale > 0.0:
             pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
-
-
-def _register(stack: ExitStack, module: torch.nn.Module, hook: ModelHook) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(hook, _SKIP_HOOK)
-    stack.callback(registry.remove_hook, _SKIP_HOOK, recurse=False)
