@@ -6,12 +6,17 @@ for images and edits, ``shapes-t2v`` for video. They ship with the package, so t
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from diffusers import DiffusionPipeline
 
-TINY_PREFIX = "tiny:"
-DEFAULT_MODEL = "shapes-t2i"
-DEFAULT_VIDEO_MODEL = "shapes-t2v"
+if TYPE_CHECKING:
+    from attnedit.surfaces.memory import MemoryPlan
+
+from attnedit.surfaces.params import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL, TINY_PREFIX  # noqa: F401 (re-exported)
 
 
 def pick_device(device: str | None = None) -> str:
@@ -38,25 +43,55 @@ def pick_dtype(device: str, dtype: str | None = None) -> torch.dtype:
     return torch.float16 if device == "mps" else torch.float32
 
 
-def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None) -> DiffusionPipeline:
+def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None, *,
+                  memory: str | MemoryPlan | None = "auto", quantize: str | None = None,
+                  lora: Sequence[str] | str | None = None, variant: str | None = None) -> DiffusionPipeline:
     """``model``: a hub id, a local diffusers folder, a built-in model (``shapes-t2i``, ``shapes-t2v``: trained,
-    offline) or ``tiny:<family>`` (random weights, offline)."""
-    from attnedit.shapes.builtin import BUILTIN_MODELS, load_builtin
+    offline) or ``tiny:<family>`` (random weights, offline).
+
+    ``memory``: a plan of :mod:`attnedit.surfaces.memory` (``auto`` picks the fastest that fits and prints why on
+    an accelerator); ``quantize``: ``int8``, ``fp8``, ``bnb-8bit``, ``bnb-4bit`` or a ``.gguf`` transformer file
+    (:mod:`attnedit.surfaces.quantize`); ``lora``: ``PATH_OR_ID[:SCALE]`` specs; ``variant``: e.g. ``fp16`` files.
+    Options are checked before anything loads. Example: ``load_pipeline("black-forest-labs/FLUX.1-dev",
+    memory="auto", quantize="int8", lora=["my_lora.safetensors:0.8"])``.
+    """
+    from attnedit.shapes.builtin import BUILTIN_MODELS, load_builtin, model_path
+    from attnedit.surfaces.memory import apply_plan, module_size, parse_memory, resolve_memory
+    from attnedit.surfaces.quantize import check_quantize, gguf_transformer, load_loras, parse_lora, \
+        quantization_config
 
     model = model or DEFAULT_MODEL
     device = pick_device(device)
-    if model in BUILTIN_MODELS:
-        return load_builtin(model, device, pick_dtype(device, dtype) if device != "cpu" else torch.float32)
+    memory, quantize = parse_memory(memory), check_quantize(quantize, device)
+    loras = [parse_lora(spec) for spec in ([lora] if isinstance(lora, str) else lora or [])]
+    torch_dtype = pick_dtype(device, dtype) if model not in BUILTIN_MODELS or device != "cpu" else torch.float32
+    dtype_bytes = torch.finfo(torch_dtype).bits // 8
     if model.startswith(TINY_PREFIX):
         from attnedit.models import zoo
 
         family = model[len(TINY_PREFIX):]
         if family not in zoo.FAMILIES:
             raise ValueError(f"unknown tiny model {model!r}; valid: {[TINY_PREFIX + f for f in zoo.FAMILIES]}")
+        if quantize:
+            raise ValueError(f"quantize={quantize!r} needs a hub id or a diffusers folder, not {model!r}")
         pipe = zoo.load_tiny_pipeline(family)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=pick_dtype(device, dtype))
-    return pipe.to(device)
+        sizes = ({k: module_size(v) for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)},
+                 type(pipe).__name__)
+        plan = resolve_memory(memory, model, device, dtype_bytes=dtype_bytes, sizes=sizes)
+    else:  # the plan is decided from the configs, before any weight loads
+        source = str(model_path(model)) if model in BUILTIN_MODELS else model
+        plan = resolve_memory(memory, source, device, dtype_bytes=dtype_bytes, quantize=quantize)
+        if model in BUILTIN_MODELS and not quantize:
+            pipe = load_builtin(model, "cpu", torch_dtype)
+        else:
+            extra = gguf_transformer(source, quantize, torch_dtype) if quantize and quantize.endswith(".gguf") else {}
+            pipe = DiffusionPipeline.from_pretrained(
+                source, dtype=torch_dtype, variant=variant, **extra,
+                quantization_config=quantization_config(source, quantize, torch_dtype))
+    load_loras(pipe, loras)
+    if memory == "auto" and device != "cpu":
+        print(f"attnedit: memory: auto chose {plan.reason}", file=sys.stderr)
+    return apply_plan(pipe, plan, device)
 
 
 def default_model(task_name: str) -> str:
