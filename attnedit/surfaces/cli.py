@@ -76,7 +76,8 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
         from attnedit.core.parallel import init_distributed
 
         device, rank = init_distributed(device), dist.get_rank()
-    pipe = load_pipeline(model, device, args.dtype)
+    pipe = load_pipeline(model, device, args.dtype, **_loading(args))
+    _show_progress(pipe)
     if ulysses:
         from attnedit.core.parallel import enable_ulysses
 
@@ -167,8 +168,8 @@ def _batch(args: argparse.Namespace) -> int:
     jobs = load_jobs(args.jobs)
     index, count, device, barrier = _process_group(args.device)
 
-    def load(model):
-        pipe = load_pipeline(model, device, args.dtype)
+    def load(model, **options):
+        pipe = load_pipeline(model, device, args.dtype, **{**_loading(args), **options})
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -215,10 +216,35 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int)
 
 
+def _weights_options(parser: argparse.ArgumentParser) -> None:
+    from attnedit.surfaces.memory import PLANS
+
+    parser.add_argument("--memory", choices=PLANS, help="where weights live: auto (default: the fastest plan that "
+                        "fits, says why), none, model-offload, group-offload, sequential-offload")
+    parser.add_argument("--quantize", metavar="Q", help="int8 (torchao; CPU too), fp8 (torchao), bnb-8bit, bnb-4bit "
+                        "(bitsandbytes; CUDA), or a .gguf transformer file")
+    parser.add_argument("--lora", action="append", metavar="PATH_OR_ID[:SCALE]", help="load a LoRA (repeat for several)")
+    parser.add_argument("--variant", help="weight files variant, e.g. fp16")
+
+
+def _loading(args: argparse.Namespace) -> dict:
+    """--memory, --quantize, --lora, --variant as load_pipeline's keywords (those given)."""
+    options = {name: getattr(args, name, None) for name in ("memory", "quantize", "lora", "variant")}
+    return {k: v for k, v in options.items() if v}
+
+
+def _show_progress(pipe) -> None:
+    """The sampling progress bar on a terminal (tqdm's disable=None), unless ATTNEDIT_NO_PROGRESS is set."""
+    import os
+
+    pipe.set_progress_bar_config(disable=True if os.environ.get("ATTNEDIT_NO_PROGRESS") else None)
+
+
 def _model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
     parser.add_argument("--model", help=f"hub id, local folder, shapes-t2i, shapes-dit, shapes-t2v or tiny:<family> "
                                         f"(default: {default}, trained and built in)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: fastest available)")
+    _weights_options(parser)
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: by device)")
 
 
