@@ -1,7 +1,9 @@
-"""One prepared GPU check: radial FlexAttention vs flash SDPA, its exactness, real-width forwards per edit, xformers.
+"""One prepared GPU check: radial FlexAttention vs flash SDPA, its exactness, real-width forwards per edit, xformers,
+and FLUX.1-dev / Wan 2.1 14B / HunyuanVideo at full depth and real resolution per edit and memory plan
+(``full``: benchmarks/gpu_check_full.py).
 
 For one H100/H200 without internet (nothing is installed at run time), meant to finish in under 8 minutes:
-``python benchmarks/gpu_check.py [--dry-run] [--out PATH] [--only radial,reference,forwards,xformers]``.
+``python benchmarks/gpu_check.py [--dry-run] [--out PATH] [--only radial,reference,forwards,xformers,full]``.
 Every section, and every row in it, runs in its own try/except, and the JSON is rewritten atomically (temp file +
 os.replace) after each row, so a failure or a timeout keeps what was measured; rows that would start after
 ``--budget-s`` are recorded as skipped. ``--dry-run`` runs the same code at tiny sizes in float32 (CPU unless CUDA
@@ -12,6 +14,7 @@ on a CPU takes about a minute) and the architectures are the zoo's tiny denoiser
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gc
 import importlib
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
 import torch.nn.functional as F
+import gpu_check_full
 from harness import RESULTS, compare, machine
 
 from attnedit import BlockMask, HeadBlend, KeyMask, install
@@ -322,6 +326,8 @@ SECTIONS = {
     "reference": lambda check, section: _rows(check, section, check.geometries, lambda g: reference_row(check, g)),
     "forwards": lambda check, section: _rows(check, section, list(ARCHITECTURES), lambda n: forward_row(check, n)),
     "xformers": section_xformers,
+    "full": lambda check, section: gpu_check_full.section(check, section, _rows,
+                                                          lambda family: copy.deepcopy(_tiny(family))),
 }
 
 

@@ -39,7 +39,7 @@ def _numbers(row: dict, *keys: str) -> None:
 
 def test_dry_run_writes_every_section(dry_run):
     assert dry_run["dry_run"] is True
-    assert set(dry_run["sections"]) == {"radial", "reference", "forwards", "xformers"}
+    assert set(dry_run["sections"]) == {"radial", "reference", "forwards", "xformers", "full"}
     env = dry_run["environment"]
     assert env["torch"] == torch.__version__ and env["diffusers"] and "xformers" in env and "device" in env
     for name, section in dry_run["sections"].items():
@@ -83,3 +83,27 @@ def test_dry_run_xformers_section_says_what_it_did(dry_run):
     section = dry_run["sections"]["xformers"]
     assert section["xformers"] == dry_run["environment"]["xformers"]
     assert section["xformers"] == "not installed" or "skipped" in section or section.get("rows")
+
+
+def test_dry_run_full_section_has_every_model_edit_and_plan(dry_run):
+    """Full depth is checked shape-wise (meta builds: parameter and token counts of the real sizes); the edits and
+    plans run on the tiny denoisers and, being exact in float32, give the stock output under every plan."""
+    rows = {row["name"]: row for row in dry_run["sections"]["full"]["rows"]}
+    assert set(rows) == {"flux1-dev", "wan2.1-t2v-14b", "hunyuan-video"}
+    expected = {"flux1-dev": (11.9, 4096), "wan2.1-t2v-14b": (14.29, 75600), "hunyuan-video": (12.82, 108000)}
+    for name, (params_b, tokens) in expected.items():
+        row = rows[name]
+        assert "error" not in row, row
+        assert abs(row["params_b"] - params_b) < 0.01 and row["tokens"] == tokens
+        edits = {"key_mask", "soft_pag", "recorder"} | ({"radial"} if name != "flux1-dev" else set())
+        assert set(row["edits"]) == edits
+        for label in edits:
+            assert "error" not in row["edits"][label], (name, label, row["edits"][label])
+            _numbers(row["edits"][label], "ms", "ratio", "max_abs_diff")
+        assert row["edits"]["key_mask"]["max_abs_diff"] > 0  # the edit did something
+        assert set(row["plans"]) == {"none", "model-offload", "group-offload", "sequential-offload"}
+        for label, plan in row["plans"].items():
+            assert "error" not in plan, (name, label, plan)
+            _numbers(plan, "ms")
+            if label != "none":
+                assert plan["max_abs_diff"] == 0, (name, label)  # offloading moves weights, never changes them
