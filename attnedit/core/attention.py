@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnedit.core.edits import BlockMask, Edit
+from attnedit.core.key_blocks import drop_hidden_key_blocks
 
 if TYPE_CHECKING:
     from attnedit.core.families import AttentionCall
@@ -216,6 +217,8 @@ def attend(
     if scale is not None:
         k = k * scale[:, None, :, None]
     block = block_restriction(call, edits)
+    if block is not None and keep is not None:  # key blocks hidden for every row leave the block-sparse call
+        block = drop_hidden_key_blocks(block, keep)
     recorders = [e for e in edits if e.records]
     mask = merge_masks(mask, keep)
     chosen = resolve_backend(backend, q.device, bool(recorders), block is not None)
