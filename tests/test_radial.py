@@ -1,5 +1,6 @@
-"""Radial attention: mask rule vs a token-level brute force, reference sparsities, sparse == dense masked reference,
-warm-up switching, end-to-end tiny Wan / HunyuanVideo (with LoRA), errors."""
+"""Radial attention: mask rule vs a token-level brute force and vs the released mask builder (restated here), reference
+sparsities, presets, sparse == dense masked reference, warm-up and tail switching, end-to-end tiny Wan / HunyuanVideo
+(with LoRA), errors."""
 
 from __future__ import annotations
 
@@ -124,6 +125,18 @@ def test_block_sparse_rejects_rows_without_keys():
         block_sparse_attention(q, q, q, None, BlockMask(blocks, 32, 64, 64))
 
 
+@pytest.mark.parametrize("n", [80, 50])
+def test_block_sparse_rejects_lengths_the_block_mask_was_not_built_for(n):
+    """80 tokens would leave rows 64..79 uncomputed; 50 would give the zero padding keys 50..63 weight."""
+    bm = BlockMask(torch.ones(2, 2, dtype=torch.bool), 32, 64, 64)
+    x = torch.randn(1, 1, n, 4)
+    with pytest.raises(ValueError, match=rf"q has {n} tokens and k/v have {n}/{n}, but the block mask was built for 64 "
+                                         r"queries x 64 keys"):
+        block_sparse_attention(x, x, x, None, bm)
+    with pytest.raises(ValueError, match=r"q has 64 tokens and k/v have 64/50"):
+        block_sparse_attention(torch.randn(1, 1, 64, 4), torch.randn(1, 1, 64, 4), torch.randn(1, 1, 50, 4), None, bm)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention compiles in ~60 s on CPU; this check runs on CUDA")
 def test_flex_equals_reference():
     torch.manual_seed(0)
@@ -157,6 +170,15 @@ def test_dense_steps_and_layers_switch_at_the_right_calls():
     assert torch.equal(bm.blocks, radial_block_mask(7, 64, 8, 0.5, False)) and bm.density < 0.8
 
 
+def test_dense_tail_steps_keep_the_last_steps_dense():
+    edit = RadialAttention(decay=0.5, block_size=8, dense_steps=1, dense_tail_steps=2, num_steps=5)
+    sparse = [edit.block_mask(make_call(step=t, layer=1, grid=(7, 8, 8))) is not None for t in range(5)]
+    assert sparse == [False, True, True, False, False]
+    with pytest.raises(ValueError, match=r"step 5 at blocks.1.attn1, but num_steps=5"):
+        edit.block_mask(make_call(step=5, layer=1, grid=(7, 8, 8)))
+    assert "dense_tail_steps=2, num_steps=5" in repr(edit)
+
+
 def test_geometry_from_grid_and_overrides():
     assert RadialAttention().geometry(make_call(grid=(3, 4, 6), text=5)) == (3, 24)
     assert RadialAttention(frames=6, tokens_per_frame=8).geometry(make_call(grid=(3, 4, 4))) == (6, 8)
@@ -176,6 +198,10 @@ def test_geometry_from_grid_and_overrides():
         ({"tokens_per_frame": 2.5}, r"tokens_per_frame=2.5 must be a positive integer"),
         ({"dense_steps": -1}, r"dense_steps=-1 must be a non-negative integer"),
         ({"kinds": "cross"}, r"kinds=\['cross'\]: radial attention applies to 'self' or 'joint'"),
+        ({"thinning_width": 96}, r"thinning_width=96 must be a power of two"),
+        ({"dense_tail_steps": -1, "num_steps": 5}, r"dense_tail_steps=-1 must be a non-negative integer"),
+        ({"dense_tail_steps": 2}, r"dense_tail_steps=2 needs num_steps="),
+        ({"num_steps": 0}, r"num_steps=0 must be a positive integer"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
@@ -200,11 +226,88 @@ def test_kinds_none_means_self_and_joint():
     assert RadialAttention(kinds=None).kinds == {"self", "joint"}
 
 
-def test_presets_are_the_paper_settings():
-    wan, hunyuan = RadialAttention.preset("wan"), RadialAttention.preset("hunyuan_video", dense_steps=3)
-    assert (wan.decay, wan.sink, wan.dense_steps, wan.dense_layers) == (0.2, True, 12, 1)
-    assert (hunyuan.decay, hunyuan.sink, hunyuan.dense_steps, hunyuan.dense_layers) == (0.95, False, 3, 0)
-    assert set(PRESETS) >= {"wan", "hunyuan_video", "wan_lora", "wan_few_step"}
+def test_presets_are_the_released_settings():
+    """The authors' scripts: wan_t2v / hunyuan_t2v (1x and the commented 2x / 4x LoRA settings, whose gamma is the
+    argparse default 1), wan_22_t2v, and the FusionX / Lightx2v few-step LoRA scripts."""
+    fields = lambda e: (e.decay, e.sink, e.dense_steps, e.dense_layers, e.block_size, e.thinning_width)
+    expected = {
+        "wan": (0.2, True, 12, 1, 128, None), "hunyuan_video": (0.95, False, 12, 0, 128, None),
+        "wan22": (0.8, True, 11, 1, 64, 128), "wan_2x": (1.0, True, 2, 2, 128, None),
+        "hunyuan_video_4x": (1.0, False, 2, 2, 128, None), "wan_fusionx": (0.2, True, 2, 1, 128, None),
+        "wan_lightx2v": (0.2, True, 1, 1, 128, None),
+    }
+    assert {name: fields(RadialAttention.preset(name)) for name in PRESETS} == expected
+    assert RadialAttention.preset("wan_lora") == RadialAttention.preset("wan_fusionx")  # earlier names still work
+    assert RadialAttention.preset("wan_few_step") == RadialAttention.preset("wan_lightx2v")
+    assert RadialAttention.preset("hunyuan_video", dense_steps=3).dense_steps == 3
+
+
+# -- the released mask builder, restated (radial_attn/attn_mask.py: gen_log_mask_shrinked, shrinkMaskStrict) -----
+def released_mask(frames: int, s: int, block: int, decay: float, sink: bool) -> torch.Tensor:
+    """floor(S / block) table; thinning against a hard-coded 128; each pair cut to whole blocks; a column's active
+    queries divided by the block size. Raises RuntimeError where a pair does not fit the table (as released)."""
+    n = frames * s // block
+    out, idx, cache = torch.zeros(n, n, dtype=torch.bool), torch.arange(s), {}
+    for i in range(frames):
+        for j in range(frames):
+            d, span = abs(i - j), 2 ** s.bit_length() / 2 ** abs(i - j).bit_length()
+            width = s if d <= 1 or (sink and j == 0) else max(span * decay, block)
+            kept = (sink and j == 0) or d <= 1 or span >= 128 or d % int(128 / span) == 0
+            key = (width, kept, i * s % block, j * s % block)
+            if key not in cache:
+                rr, rc, nb = key[2], key[3], -(-s // block)
+                pad = torch.zeros(rr + nb * block, rc + nb * block, dtype=torch.bool)
+                pad[rr : rr + s, rc : rc + s] = ((idx[:, None] - idx[None]).abs() <= width) & kept
+                m = (rr + nb * block) // block
+                cols = pad[: m * block, : m * block].view(m, block, m, block).sum(1) / block
+                cache[key] = (cols > 1 / 3).sum(-1) / ((cols > 0).sum(-1) + 1e-9) > 0.6
+            blocks, r0, c0 = cache[key], i * s // block, j * s // block
+            target = out[r0 : r0 + blocks.shape[0], c0 : c0 + blocks.shape[1]]
+            if target.shape != blocks.shape:
+                raise RuntimeError(f"pair ({i}, {j}): {tuple(blocks.shape)} blocks into {tuple(target.shape)}")
+            target |= blocks
+    return out
+
+
+def test_wan22_preset_equals_the_released_mask_where_frames_tile_the_blocks():
+    """Blocks of 64, thinning against 128: bit for bit the released mask; thinning at 64 would keep more pairs."""
+    edit = RadialAttention.preset("wan22")
+    ours = radial_block_mask(24, 256, edit.block_size, edit.decay, edit.sink, edit.thinning_width)
+    assert torch.equal(ours, released_mask(24, 256, 64, 0.8, True))
+    assert not torch.equal(radial_block_mask(24, 256, 64, 0.8, True), ours)  # thinning at the block size differs
+
+
+def test_wan22_preset_density_at_ti2v_5b_against_the_released_builder():
+    """TI2V-5B 704x1280x121: 31 frames x 880 tokens, blocks of 64. The released table (426 x 426, density 0.2717)
+    is contained in ours; the gap to our 0.2796 is exactly (a) blocks a frame boundary splits, which we judge by
+    the frame's own rows (the released rule divides by the block size), and (b) the last, partly filled block row
+    and column (tokens 27264..27279), which the released table leaves out. Thinning at 64 would give 0.311."""
+    edit = RadialAttention.preset("wan22")
+    ours = radial_block_mask(31, 880, 64, 0.8, True, edit.thinning_width)
+    released = released_mask(31, 880, 64, 0.8, True)
+    assert ours.shape == (427, 427) and released.shape == (426, 426)
+    assert round(released.float().mean().item(), 4) == 0.2717 and round(ours.float().mean().item(), 4) == 0.2796
+    assert round(radial_block_mask(31, 880, 64, 0.8, True).float().mean().item(), 3) == 0.311
+    extra = ours[:426, :426] & ~released
+    assert (released <= ours[:426, :426]).all() and int(extra.sum()) == 1543
+    split = torch.zeros(426, dtype=torch.bool)
+    starts = torch.arange(1, 31) * 880
+    split[(starts // 64)[starts % 64 != 0]] = True  # blocks where one frame ends and the next begins
+    rows, cols = extra.nonzero().T
+    assert (split[rows] | split[cols]).all()
+
+
+def test_where_the_released_table_does_not_fit():
+    """floor(S / 128) blocks: a pair reaching into a partly filled last block raises (Wan 480p, here 5 x 1560 with the
+    same last-frame offset arithmetic), and HunyuanVideo 720p's video table stops 96 keys short."""
+    with pytest.raises(RuntimeError, match=r"pair \(0, 4\)"):
+        released_mask(5, 1560, 128, 0.2, True)
+    for frames, s in ((21, 1560), (21, 3600), (41, 3600)):  # Wan 480p, 720p, 2x length: last pair overflows
+        last = frames - 1
+        end = last * s // 128 + (last * s % 128 + -(-s // 128) * 128) // 128
+        assert end > frames * s // 128
+    assert 30 * 3600 - 30 * 3600 // 128 * 128 == 96
+    assert radial_block_mask(5, 1560, 128, 0.2, True).shape == (61, 61)  # ours: ceil, every token in a block
 
 
 # -- end to end on tiny pipelines --------------------------------------------------------------------------------
@@ -295,8 +398,18 @@ def test_generate_radial_helper_equals_manual_install(tiny_pipe):
     out = generate_radial(pipe, prompt, radial=overrides, generator=torch.Generator().manual_seed(0), **kwargs)[0]
     manual = generate(pipe, "wan", RadialAttention.preset("wan", **overrides))
     assert (out - manual).abs().max() == 0 and (out - generate(pipe, "wan")).abs().max() > 1e-3
-    with pytest.raises(ValueError, match=r"preset='wan22'; valid"):
-        generate_radial(pipe, prompt, preset="wan22", **kwargs)
+    with pytest.raises(ValueError, match=r"preset='wan2.2'; valid"):
+        generate_radial(pipe, prompt, preset="wan2.2", **kwargs)
+    # every step in the dense tail: the stock result; num_steps comes from the call's num_inference_steps
+    tail = generate_radial(pipe, prompt, radial={**overrides, "dense_steps": 0, "dense_tail_steps": 2},
+                           generator=torch.Generator().manual_seed(0), **kwargs)[0]
+    assert (tail - generate(pipe, "wan")).abs().max() < 1e-5
+
+
+def test_default_preset_is_the_authors_for_the_pipeline(tiny_pipe):
+    from attnedit.pipelines.radial import default_preset
+
+    assert [default_preset(tiny_pipe(f)) for f in ("wan", "wan22", "hunyuan_video")] == ["wan", "wan22", "hunyuan_video"]
 
 
 def test_flex_block_mask_built_once_per_geometry():

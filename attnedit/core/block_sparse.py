@@ -45,8 +45,15 @@ def block_sparse_attention(
     """Attention restricted to ``block``'s kept blocks (each kept block dense), plus ``mask`` inside them.
 
     q: (B, H, S_q, D); k, v: (B, H, S_k, D|D_v); ``mask`` None, bool keep or additive, shaped (B|1, 1|H, 1, S_k)
-    (per key) or (B|1, 1|H, S_q, S_k). Returns (B, H, S_q, D_v). Every query row must keep at least one key.
+    (per key) or (B|1, 1|H, S_q, S_k). Returns (B, H, S_q, D_v). Every query row must keep at least one key, and
+    ``S_q`` / ``S_k`` must be the lengths ``block`` was built for (ValueError otherwise: more tokens would leave rows
+    uncomputed, fewer would give the zero padding keys weight).
     """
+    if (q.shape[2], k.shape[2], v.shape[2]) != (block.num_queries, block.num_keys, block.num_keys):
+        raise ValueError(
+            f"q has {q.shape[2]} tokens and k/v have {k.shape[2]}/{v.shape[2]}, but the block mask was built for "
+            f"{block.num_queries} queries x {block.num_keys} keys"
+        )
     size, n_keys = block.block_size, k.shape[2]
     n_kb = block.blocks.shape[1]
     kb, vb = _blocked(k, size, n_kb), _blocked(v, size, n_kb)

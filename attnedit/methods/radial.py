@@ -1,24 +1,36 @@
 """Radial attention: O(n log n) block-sparse attention for video diffusion transformers.
 
 Implements the static mask of Li et al., "Radial Attention: O(n log n) Sparse Attention with Energy Decay for
-Long Video Generation" (MIT Han Lab, 2025), with the block rule of the authors' released code:
+Long Video Generation" (MIT Han Lab, NeurIPS 2025), with the block rule of the authors' released code
+(mit-han-lab/radial-attention, ``radial_attn/attn_mask.py``):
 
 * ``f`` latent frames of ``s`` tokens each (frame-major); frame distance ``d = |i - j|``;
 * ``d <= 1``: the frame pair is dense;
 * ``d >= 2``: token ``k`` of frame i sees token ``l`` of frame j when ``|k - l| <= max(gamma * P / 2^(r+1), block)``
   with ``r = floor(log2 d)``, ``P = 2^bitlength(s)`` and ``gamma`` the decay factor;
-* far frames are thinned: when ``P / 2^(r+1) < block`` the pair is kept only if ``d`` is a multiple of
-  ``block * 2^(r+1) / P``;
+* far frames are thinned: when ``P / 2^(r+1) < T`` the pair is kept only if ``d`` is a multiple of
+  ``T * 2^(r+1) / P``. The released code hard-codes ``T = 128`` whatever the block size (Wan 2.2 runs blocks of 64
+  against it); ``thinning_width`` sets T, and None means T = the block size (the same at the released 128);
 * optional attention sink: every token sees all of frame 0 (Wan);
 * each frame pair is rounded to ``block x block`` blocks (a block is kept when more than 60% of its non-empty key
-  columns have more than a third of their queries active) and the pairs are OR-ed into one block mask. Where a
-  frame only partly fills a block, "their queries" are the frame's rows in that block, so short frames (or a
-  short last block) keep their dense diagonal; with frames that tile the blocks this is the released rule.
+  columns have more than a third of their queries active) and the pairs are OR-ed into one block mask.
 
-Token counts need not be multiples of the block size: a pair that starts inside a block is placed at its offset
-(the released code asserts ``s * f % 128 == 0`` instead). In joint [video; text] attention (HunyuanVideo) every
-block that touches a text token is kept whole, so text queries are dense, video queries see every text key (the
-key padding mask still hides padded ones), and the block mask is the exact token-level mask of the call.
+Where frames do not tile the blocks, attnedit differs from the released builder, on purpose. The released code
+(which asserts nothing about ``s * f``) sizes its table as ``floor(S / block)`` blocks, cuts each rounded pair to
+whole blocks, and divides a column's active queries by the block size even where a frame fills only part of the
+block. So when the video does not fill its last block, a frame pair that reaches into it does not fit and the
+builder raises a shape error (Wan 480p, 21 x 1560, and 720p, 21 x 3600 tokens; Wan 2x length, 41 x 3600); when
+text tokens make the table long enough (HunyuanVideo 720p, 30 x 3600 + text), the video-video table ends at
+``floor(108000 / 128) = 843`` blocks and the last 96 video keys are never seen by a video query. attnedit sizes the
+table by ``ceil``, places every pair at its in-block offset, and judges a partly filled block by the frame's own
+rows in it (else a frame of under block/3 tokens, or a short last block, loses even its diagonal block and a query
+block sees no key). That is a fix: every token is a key of its own query block, any resolution runs. Where frames
+tile the blocks (768x1280: 3840 = 30 x 128) the masks are the released ones, bit for bit; elsewhere the density
+moves slightly (Wan 480p: 0.3452 vs 0.3379 for the released rule on a padded table).
+
+In joint [video; text] attention (HunyuanVideo) every block that touches a text token is kept whole, so text
+queries are dense, video queries see every text key (the key padding mask still hides padded ones), and the block
+mask is the exact token-level mask of the call.
 """
 
 from __future__ import annotations
@@ -37,13 +49,33 @@ if TYPE_CHECKING:
 
 FAMILIES = ("wan", "hunyuan_video")
 
-# Settings of the paper / released scripts (50-step sampling; few-step LoRAs use 1-2 dense steps).
+# The authors' released settings (mit-han-lab/radial-attention, scripts/*.sh), one per script; the comment names the
+# script, the video it was run at and its sampling steps. Fields not given take RadialAttention's defaults (block
+# 128, thinning at the block size, which is the released 128 there).
 PRESETS: dict[str, dict] = {
+    # wan_t2v_inference.sh: Wan 2.1 T2V 14B, 768x1280x69, 50 steps
     "wan": {"decay": 0.2, "sink": True, "dense_steps": 12, "dense_layers": 1},
+    # hunyuan_t2v_inference.sh: HunyuanVideo, 768x1280x117, 50 steps
     "hunyuan_video": {"decay": 0.95, "sink": False, "dense_steps": 12, "dense_layers": 0},
-    "wan_lora": {"decay": 0.2, "sink": True, "dense_steps": 2, "dense_layers": 1},
-    "wan_few_step": {"decay": 0.2, "sink": True, "dense_steps": 1, "dense_layers": 1},
+    # wan_22_t2v_inference.sh: Wan 2.2 (T2V A14B, 768x1280x77, 40 steps; TI2V-5B runs the same processor):
+    # blocks of 64, far-frame thinning still against the hard-coded 128
+    "wan22": {"decay": 0.8, "block_size": 64, "thinning_width": 128, "sink": True, "dense_steps": 11, "dense_layers": 1},
+    # wan_t2v_inference.sh, 2x-length setting with the authors' long-video LoRA: 720x1280x161, 50 steps, gamma
+    # left at the script's default 1
+    "wan_2x": {"decay": 1.0, "sink": True, "dense_steps": 2, "dense_layers": 2},
+    # hunyuan_t2v_inference.sh, 4x-length setting with the authors' LoRA: 720x1280x509, 50 steps, gamma 1
+    "hunyuan_video_4x": {"decay": 1.0, "sink": False, "dense_steps": 2, "dense_layers": 2},
+    # wan_t2v_inference_fusionx.sh: Wan 2.1 14B + FusionX LoRA, 768x1280x69, 8 steps
+    "wan_fusionx": {"decay": 0.2, "sink": True, "dense_steps": 2, "dense_layers": 1},
+    # wan_t2v_inference_lightx2v.sh: Wan 2.1 14B + Lightx2v step-distilled LoRA, 768x1280x69, 4 steps
+    "wan_lightx2v": {"decay": 0.2, "sink": True, "dense_steps": 1, "dense_layers": 1},
 }
+ALIASES = {"wan_lora": "wan_fusionx", "wan_few_step": "wan_lightx2v"}  # earlier names of the same settings
+
+
+def _check_power_of_two(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name}={value!r} must be a power of two (e.g. 64 or 128)")
 
 
 def _check_geometry(frames: int, tokens_per_frame: int, block_size: int, decay: float) -> None:
@@ -51,20 +83,27 @@ def _check_geometry(frames: int, tokens_per_frame: int, block_size: int, decay: 
         raise ValueError(f"frames={frames!r} must be a positive integer")
     if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
         raise ValueError(f"tokens_per_frame={tokens_per_frame!r} must be a positive integer")
-    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size={block_size!r} must be a power of two (e.g. 64 or 128)")
+    _check_power_of_two("block_size", block_size)
     if not decay > 0:
         raise ValueError(f"decay={decay!r} must be > 0 (the paper uses 0.2 for Wan, 0.95 for HunyuanVideo)")
 
 
-def pair_rule(distance: int, tokens_per_frame: int, block_size: int, decay: float) -> tuple[float, bool]:
-    """(band half-width in tokens, pair kept) for two frames ``distance`` apart (no sink)."""
+def pair_rule(
+    distance: int, tokens_per_frame: int, block_size: int, decay: float, thinning_width: int | None = None
+) -> tuple[float, bool]:
+    """(band half-width in tokens, pair kept) for two frames ``distance`` apart (no sink).
+
+    The band is never narrower than a block; pairs whose natural band ``P / 2^(r+1)`` is under ``thinning_width``
+    tokens (None: ``block_size``; the released code: 128) are kept only every ``thinning_width * 2^(r+1) / P``
+    frames.
+    """
     if distance <= 1:
         return float(tokens_per_frame), True
+    threshold = block_size if thinning_width is None else thinning_width
     period = 2 ** tokens_per_frame.bit_length()  # P: the power of two above s
     span = period / 2 ** distance.bit_length()  # P / 2^(r+1)
     width = max(decay * span, float(block_size))
-    kept = span >= block_size or distance % int(block_size / span) == 0
+    kept = span >= threshold or distance % int(threshold / span) == 0
     return width, kept
 
 
@@ -92,23 +131,28 @@ def _pair_blocks(s: int, width: int, row_offset: int, col_offset: int, block: in
 
 @lru_cache(maxsize=64)
 def radial_block_mask(
-    frames: int, tokens_per_frame: int, block_size: int = 128, decay: float = 1.0, sink: bool = False
+    frames: int, tokens_per_frame: int, block_size: int = 128, decay: float = 1.0, sink: bool = False,
+    thinning_width: int | None = None,
 ) -> torch.Tensor:
     """Block mask of radial attention over ``frames * tokens_per_frame`` video tokens (cached per geometry).
 
     Returns bool ``(n, n)`` with ``n = ceil(frames * tokens_per_frame / block_size)``; ``[i, j]`` keeps query
-    block i x key block j. Treat the result as read-only (it is shared by the cache).
+    block i x key block j. ``thinning_width`` is T of the far-frame thinning (None: the block size). Treat the
+    result as read-only (it is shared by the cache).
 
     >>> float(radial_block_mask(18, 3840, 128, 0.2, sink=True).float().mean())  # Wan 768x1280x69: 71.3% skipped
     0.287...
     """
     _check_geometry(frames, tokens_per_frame, block_size, decay)
+    if thinning_width is not None:
+        _check_power_of_two("thinning_width", thinning_width)
     s = tokens_per_frame
     n = -(-frames * s // block_size)
     mask = torch.zeros(n, n, dtype=torch.bool)
     for i in range(frames):
         for j in range(frames):
-            width, kept = (float(s), True) if sink and j == 0 else pair_rule(abs(i - j), s, block_size, decay)
+            d = abs(i - j)
+            width, kept = (float(s), True) if sink and j == 0 else pair_rule(d, s, block_size, decay, thinning_width)
             if not kept:
                 continue
             blocks = _pair_blocks(s, min(int(width), s), (i * s) % block_size, (j * s) % block_size, block_size)
@@ -120,14 +164,14 @@ def radial_block_mask(
 @lru_cache(maxsize=64)
 def _call_blocks(
     frames: int, tokens_per_frame: int, block_size: int, decay: float, sink: bool, num_queries: int, num_keys: int,
-    device: str = "cpu",
+    device: str = "cpu", thinning_width: int | None = None,
 ) -> torch.Tensor:
     """Radial blocks for a call whose first ``frames * tokens_per_frame`` tokens are video, the rest text.
 
     Cached per geometry and device, so the same table object comes back every call (FlexAttention's BlockMask is
     then built once per geometry, see ``attnedit.core.attention.flex_block_mask``).
     """
-    video = radial_block_mask(frames, tokens_per_frame, block_size, decay, sink)
+    video = radial_block_mask(frames, tokens_per_frame, block_size, decay, sink, thinning_width)
     n_video = frames * tokens_per_frame
     blocks = torch.ones(-(-num_queries // block_size), -(-num_keys // block_size), dtype=torch.bool)
     # Video-only blocks keep the radial rule; a block that also holds text tokens stays whole (exact, see above).
@@ -141,10 +185,13 @@ def _call_blocks(
 class RadialAttention(Edit):
     """Radial block-sparse attention on Wan self-attention (attn1) and HunyuanVideo joint attention.
 
-    ``decay`` is the paper's gamma, ``sink`` lets every token see frame 0, ``block_size`` the block edge in tokens.
-    Calls with ``step < dense_steps`` or ``site.layer < dense_layers`` stay dense (the paper's warm-up). The video
-    geometry comes from each call's token grid; ``frames`` / ``tokens_per_frame`` override it and must then match
-    the call's video tokens.
+    ``decay`` is the paper's gamma, ``sink`` lets every token see frame 0, ``block_size`` the block edge in tokens,
+    ``thinning_width`` the band width under which far frames are thinned (None: the block size; the released code
+    hard-codes 128). Calls with ``step < dense_steps`` or ``site.layer < dense_layers`` stay dense (the paper's
+    warm-up); ``dense_tail_steps`` also keeps the last steps dense, which needs the run's ``num_steps``
+    (``generate_radial`` fills it in). The video geometry comes from each call's token grid; ``frames`` /
+    ``tokens_per_frame`` override it and must then match the call's video tokens. ``RadialAttention.preset(name)``
+    gives the authors' settings (``PRESETS``).
 
     >>> with install(pipe, RadialAttention.preset("wan")):   # doctest: +SKIP
     ...     video = pipe(prompt, num_frames=69, height=768, width=1280).frames[0]
@@ -152,9 +199,12 @@ class RadialAttention(Edit):
 
     decay: float = 1.0
     block_size: int = 128
+    thinning_width: int | None = None
     sink: bool = False
     dense_steps: int = 0
     dense_layers: int = 0
+    dense_tail_steps: int = 0
+    num_steps: int | None = None
     frames: int | None = None
     tokens_per_frame: int | None = None
     kinds: frozenset[str] | None = frozenset({"self", "joint"})
@@ -163,10 +213,19 @@ class RadialAttention(Edit):
         super().__post_init__()
         frames, per_frame = (1 if x is None else x for x in (self.frames, self.tokens_per_frame))
         _check_geometry(frames, per_frame, self.block_size, self.decay)
-        for name in ("dense_steps", "dense_layers"):
+        if self.thinning_width is not None:
+            _check_power_of_two("thinning_width", self.thinning_width)
+        for name in ("dense_steps", "dense_layers", "dense_tail_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a non-negative integer")
+        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+            raise ValueError(f"num_steps={self.num_steps!r} must be a positive integer (the run's denoising steps)")
+        if self.dense_tail_steps and self.num_steps is None:
+            raise ValueError(
+                f"dense_tail_steps={self.dense_tail_steps} needs num_steps= (the run's number of denoising steps) "
+                "to know which steps are the last"
+            )
         if self.kinds is None:  # "every kind" means every kind radial attention applies to
             object.__setattr__(self, "kinds", frozenset({"self", "joint"}))
         if not self.kinds <= {"self", "joint"}:
@@ -174,7 +233,8 @@ class RadialAttention(Edit):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> RadialAttention:
-        """The paper's settings: ``"wan"``, ``"hunyuan_video"``, ``"wan_lora"``, ``"wan_few_step"``."""
+        """The authors' released settings by name (``PRESETS``; each entry names its script), fields overridable."""
+        name = ALIASES.get(name, name)
         if name not in PRESETS:
             raise ValueError(f"preset={name!r}; valid: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -200,8 +260,14 @@ class RadialAttention(Edit):
         return frames, per_frame
 
     def dense_at(self, call: AttentionCall) -> bool:
-        """True for the warm-up calls that stay dense."""
-        return call.step < self.dense_steps or call.site.layer < self.dense_layers
+        """True for the warm-up calls (first steps, first layers) and the last ``dense_tail_steps`` steps."""
+        if self.num_steps is not None and call.step >= self.num_steps:
+            raise ValueError(
+                f"step {call.step} at {call.site.name}, but num_steps={self.num_steps}: set num_steps to the run's "
+                "number of denoising steps"
+            )
+        tail = self.dense_tail_steps and call.step >= self.num_steps - self.dense_tail_steps
+        return bool(call.step < self.dense_steps or call.site.layer < self.dense_layers or tail)
 
     def block_mask(self, call: AttentionCall) -> BlockMask | None:
         if self.dense_at(call):
@@ -209,12 +275,14 @@ class RadialAttention(Edit):
         frames, per_frame = self.geometry(call)
         blocks = _call_blocks(
             frames, per_frame, self.block_size, float(self.decay), self.sink, call.num_queries, call.num_keys,
-            str(call.device),
+            str(call.device), self.thinning_width,
         )
         return BlockMask(blocks, self.block_size, call.num_queries, call.num_keys)
 
     def __repr__(self) -> str:
+        thinning = "" if self.thinning_width is None else f", thinning_width={self.thinning_width}"
+        tail = f", dense_tail_steps={self.dense_tail_steps}, num_steps={self.num_steps}" if self.dense_tail_steps else ""
         return (
-            f"RadialAttention(decay={self.decay}, block_size={self.block_size}, sink={self.sink}, "
-            f"dense_steps={self.dense_steps}, dense_layers={self.dense_layers})"
+            f"RadialAttention(decay={self.decay}, block_size={self.block_size}{thinning}, sink={self.sink}, "
+            f"dense_steps={self.dense_steps}, dense_layers={self.dense_layers}{tail})"
         )

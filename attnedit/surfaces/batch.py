@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from attnedit.surfaces.outputs import atomic_write_json, save_mp4, save_png
+from attnedit.surfaces.quantize import LOAD_FIELDS, load_fields
 
 Task = Callable[[Any, dict[str, Any]], list]  # (pipeline, params) -> list of PIL images
 TASKS: dict[str, Task] = {}
@@ -40,9 +41,10 @@ class Job:
     task: str
     model: str | None
     params: dict[str, Any]
+    load: dict[str, Any] = field(default_factory=dict)  # memory, quantize, lora, variant (quantize.load_fields)
 
     def record(self) -> dict[str, Any]:
-        return {"id": self.id, "task": self.task, "model": self.model, **self.params}
+        return {"id": self.id, "task": self.task, "model": self.model, **self.load, **self.params}
 
 
 @dataclass
@@ -82,8 +84,8 @@ def parse_jobs(specs: list[Any], where: str = "spec") -> list[Job]:
         if jid in seen:
             raise ValueError(f"{where} job {index}: duplicate id {jid!r}")
         seen.add(jid)
-        params = {k: v for k, v in spec.items() if k not in ("id", "task", "model")}
-        jobs.append(Job(jid, name, spec.get("model"), params))
+        params = {k: v for k, v in spec.items() if k not in ("id", "task", "model", *LOAD_FIELDS)}
+        jobs.append(Job(jid, name, spec.get("model"), params, load_fields(spec)))
     return jobs
 
 
@@ -159,18 +161,20 @@ def run_batch(
     mine = [job for i, job in enumerate(jobs) if i % num_processes == process_index]
     summary = Summary(skipped=[j.id for j in mine if is_done(out_dir, j)])
     todo = [j for j in mine if not is_done(out_dir, j)]
-    by_model: dict[str | None, list[Job]] = {}
+    by_model: dict[tuple, list[Job]] = {}  # (model, loading options) -> its jobs
     for job in todo:
-        by_model.setdefault(job.model or default_model or task_default_model(job.task), []).append(job)
+        options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in job.load.items()))
+        by_model.setdefault((job.model or default_model or task_default_model(job.task), options), []).append(job)
     bar = tqdm(total=len(todo), disable=not progress, desc=f"jobs[{process_index}]")
-    for model, group in by_model.items():
+    for (model, options), group in by_model.items():
         try:
-            pipe = load(model)
+            pipe = load(model, **dict(options)) if options else load(model)
         except Exception as error:  # a model that cannot load fails its jobs, not the batch
             for job in group:
                 _fail(out_dir, job, summary, f"cannot load model {model!r}: {error}", bar)
             continue
         for job in group:
+            bar.set_description(f"job {bar.n + 1}/{len(todo)} {job.id}")
             try:
                 run_job(pipe, job, out_dir, model)
                 summary.done.append(job.id)
