@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attnedit import install
-from attnedit.core.attention import attend
+from attnedit.core.attention import attend, dense_attention
+from attnedit.core.edits import HeadBlend
 from attnedit.core.families import AttentionCall, Site
+from attnedit.core.perturbation import perturbed_keep
 from attnedit.methods.head_guidance import (
+    PERTURBED_KIND,
     SoftPAG,
     format_heads,
     head_presets,
+    load_heads,
     parse_heads,
     perturbed_guidance,
     resolve_heads,
@@ -34,13 +39,30 @@ def test_parse_heads_forms_agree():
     assert format_heads("L9H12,7:*") == "7:*,9:12"
 
 
-@pytest.mark.parametrize("spec, message", [
+# every bad head set a user might write: one ValueError that names it (never a TypeError or a silent int())
+BAD_HEADS = [
     ("", "selects no head"), ("7-3", "'7-3' is not 'layer:head'"), ([], "selects no head"), ("L7H", "is not"),
-    (3.5, "must be a string"),
-])
+    (3.5, "must be a string"), (None, "heads=None must be a string"), (b"L1", "must be a string"),
+    ({(1, 0)}, "must be a string"), ("1:", "'1:' is not"), ("-1:0", "'-1:0' is not"), ([(1,)], r"\(1,\) must be a \(layer, head\) pair"),
+    ([(1.5, 0)], r"\(1.5, 0\) is not a \(layer >= 0"), ([(True, 0)], r"\(True, 0\) is not"), ([("a", 0)], r"\('a', 0\) is not"),
+    ([(-1, 0)], r"\(-1, 0\) is not"), ({"1": None}, r"\('1', None\) is not"), ({1: []}, "selects no head"),
+    ({1: ["a"]}, r"\(1, 'a'\) is not"), ({1: 2.0}, "must be None, an index or a list"), ("nope.json", "not a readable ranking"),
+]
+
+
+@pytest.mark.parametrize("spec, message", BAD_HEADS, ids=[repr(s) for s, _ in BAD_HEADS])
 def test_parse_heads_rejects(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_heads(spec)
+
+
+def test_ranking_file_entries_are_checked(tmp_path):
+    path = tmp_path / "ranking.json"
+    path.write_text('{"heads": [[3, 1], [0, null], [2, 0]]}')
+    assert load_heads(path) == [(3, 1), (0, None), (2, 0)]  # in the file's order
+    path.write_text('{"heads": [[3, 1.5]]}')
+    with pytest.raises(ValueError, match=r"\(3, 1.5\) is not a \(layer >= 0"):
+        load_heads(path)
 
 
 def test_resolve_heads_validates_against_sites(tiny_pipe):
@@ -52,6 +74,8 @@ def test_resolve_heads_validates_against_sites(tiny_pipe):
         resolve_heads("5:0", sites, "sd3")
     with pytest.raises(ValueError, match=r"names head 4 of layer 1; it has heads 0..3"):
         resolve_heads("L1H4", sites, "sd3")
+    with pytest.raises(ValueError, match=r"no joint-attention layer to perturb"):
+        resolve_heads("L1", [s for s in sites if s.kind != "joint"], "sd3")
 
 
 def test_shipped_presets_name_the_heads_their_search_found():
@@ -95,16 +119,33 @@ def test_guidance_by_preset_name_equals_guidance_by_its_heads():
     assert (outputs[0] - plain).abs().max() > 1e-4  # the preset's heads are perturbed
 
 
+BAD_EDITS = [  # SoftPAG(**options): each bad value is one ValueError naming the argument
+    ({"strength": 1.5}, r"strength=1.5 must be in \[0, 1\]"), ({"strength": -0.1}, "strength=-0.1"),
+    ({"strength": math.nan}, "strength=nan"), ({"strength": math.inf}, "strength=inf"), ({"strength": "1"}, "strength='1'"),
+    ({"strength": None}, "strength=None"), ({"strength": True}, "strength=True"),
+    ({"heads": "L7"}, "names whole layers"), ({"heads": None}, "heads=None selects no head"),
+    ({"heads": {1: (-1,)}}, r"layer 1 -> \(-1,\) is not a layer >= 0"), ({"heads": {-1: (0,)}}, "layer -1"),
+    ({"heads": {1: (0.5,)}}, r"\(0.5,\) is not"), ({"heads": {1: "0"}}, "is not a layer"), ({"heads": {}}, "non-empty"),
+    ({"target": "max"}, "target='max' must be 'identity' or 'uniform'"), ({"target": None}, "target=None"),
+    ({"scope": "text"}, "scope='text' must be one of 'all', 'image-image', 'image'"), ({"scope": ["all"]}, r"scope=\['all'\]"),
+    ({"scope": "image-image", "target": "uniform"}, "target='uniform' has no 'image-image' form"),
+    ({"steps": 5}, "steps=5 must be a window"), ({"steps": (0,)}, r"steps=\(0,\)"), ({"steps": (0.5, 3)}, r"steps=\(0.5, 3\)"),
+    ({"steps": (0, math.inf)}, "steps=.0, inf."), ({"steps": (3, 1)}, r"steps=\(3, 1\)"), ({"steps": "0-3"}, "steps='0-3'"),
+    ({"kinds": "x"}, r"kinds=\['x'\] has unknown entries"), ({"branches": "x"}, r"branches=\['x'\]"),
+    ({"layers": [-1]}, r"layers=\[-1\]"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_EDITS, ids=[repr(o) for o, _ in BAD_EDITS])
+def test_softpag_edit_rejects(options, message):
+    with pytest.raises(ValueError, match=message):
+        SoftPAG(**{"heads": "7:3", **options})
+
+
 def test_softpag_edit_arguments():
     assert SoftPAG(heads="7:3,7:1").heads == {7: (1, 3)}
-    with pytest.raises(ValueError, match=r"strength=1.5 must be in \[0, 1\]"):
-        SoftPAG(heads="7:3", strength=1.5)
-    with pytest.raises(ValueError, match="strength=-0.1"):
-        SoftPAG(heads="7:3", strength=-0.1)
-    with pytest.raises(ValueError, match="names whole layers"):
-        SoftPAG(heads="L7")
-    with pytest.raises(ValueError, match="heads=None selects no head"):
-        SoftPAG()
+    assert SoftPAG(heads={7: 3, 2: [1, 0, 1]}).heads == {2: (0, 1), 7: (3,)}
+    assert SoftPAG(heads="7:3", steps=[1, 4]).steps == (1, 4)
 
 
 # ------------------------------------------------------------------------------------- dense references
@@ -144,6 +185,70 @@ def test_u1_identity_head_outputs_value():
     q, k, v = (torch.randn(1, 4, 10, 8) for _ in range(3))
     out = attend(q, k, v, None, _joint_call(1), [SoftPAG(heads="0:2", strength=1.0)], _native, "native")
     torch.testing.assert_close(out[:, 2], v[:, 2], atol=1e-6, rtol=0)  # out + 1 * (V - out), one rounding
+
+
+def _diffusers_pag_mask(n_image: int, seq: int) -> torch.Tensor:
+    """The additive mask of diffusers' PAGJointAttnProcessor2_0's perturbed path, built as it builds it."""
+    full_mask = torch.zeros((seq, seq))
+    full_mask[:n_image, :n_image] = float("-inf")
+    full_mask[:n_image, :n_image].fill_diagonal_(0)
+    return full_mask
+
+
+def test_perturbed_keep_is_each_scopes_map():
+    call = _joint_call()
+    assert torch.equal(perturbed_keep(call, "image-image"), _diffusers_pag_mask(6, 10) == 0)
+    assert torch.equal(perturbed_keep(call, "all"), torch.eye(10, dtype=torch.bool))
+    image = torch.ones(10, 10, dtype=torch.bool)
+    image[:6] = torch.eye(10, dtype=torch.bool)[:6]  # image rows: the identity; text rows: untouched
+    assert torch.equal(perturbed_keep(call, "image"), image)
+
+
+@pytest.mark.parametrize("u", [0.4, 1.0])
+@pytest.mark.parametrize("heads", [{0: (1, 3)}, None])
+def test_image_image_scope_equals_diffusers_masked_attention(u, heads):
+    """The fast path (softmax over own key + text keys) equals SDPA with diffusers' PAG mask, blended by u."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    edit = HeadBlend(heads=heads, strength=u, scope="image-image")
+    out = attend(q, k, v, None, _joint_call(), [edit], _native, "native")
+    plain = F.scaled_dot_product_attention(q, k, v)
+    perturbed = F.scaled_dot_product_attention(q, k, v, attn_mask=_diffusers_pag_mask(6, 10))
+    chosen = [1, 3] if heads else [0, 1, 2, 3]
+    expected = plain.clone()
+    expected[:, chosen] = (1 - u) * plain[:, chosen] + u * perturbed[:, chosen]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :, 6:], plain[:, :, 6:], atol=0, rtol=0)  # text rows untouched
+    assert not torch.allclose(out[:, chosen, :6], plain[:, chosen, :6], atol=1e-3)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_image_image_scope_respects_a_text_padding_mask(mask_kind):
+    """HunyuanVideo's (B, 1, 1, S) key mask hides padded text keys from the perturbed rows too (dense reference)."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    keep[0, ..., 8:], keep[1, ..., 7:] = False, False  # row 0 pads 2 text keys, row 1 pads 3
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    call = _joint_call()
+    out = attend(q, k, v, mask, call, [HeadBlend(heads={0: (2,)}, strength=1.0, scope="image-image")], _native, "native")
+    own = torch.zeros(10, 10, dtype=torch.bool)
+    own[:6, :6] = torch.eye(6, dtype=torch.bool)  # a perturbed (image) row keeps its own key, whatever the mask
+    reference, _ = dense_attention(q, k, v, (keep & perturbed_keep(call, "image-image")) | own)
+    torch.testing.assert_close(out[:, 2], reference[:, 2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, [0, 1, 3]], F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, [0, 1, 3]])
+
+
+def test_image_image_scope_without_text_is_the_identity():
+    """Self-attention over image tokens only (UNet, Wan): every scope is PAG's identity, output V."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    call = AttentionCall(site=Site("attn1", "self", 0, 2), family="unet", step=0, branches=("cond",), grid=(2, 3),
+                         num_queries=6, num_keys=6, image_queries=slice(0, 6), image_keys=slice(0, 6), text_queries=None,
+                         text_keys=None, device=torch.device("cpu"), dtype=torch.float32)
+    for scope in ("all", "image-image", "image"):
+        out = attend(q, k, v, None, call, [HeadBlend(strength=1.0, scope=scope)], _native, "native")
+        torch.testing.assert_close(out, v, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ whole models
@@ -204,6 +309,67 @@ def test_guidance_formula_matches_three_separate_passes(tiny_pipe, family):
     torch.testing.assert_close(final, expected, atol=1e-4, rtol=1e-4)
 
 
+def _diffusers_pag(pipe, family: str, site_name: str):
+    """diffusers' own PAG pipeline of ``family`` on ``pipe``'s modules, PAG on the one attention module ``site_name``."""
+    import inspect
+
+    from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+
+    cls = {"sd15": StableDiffusionPAGPipeline, "sdxl": StableDiffusionXLPAGPipeline, "sd3": StableDiffusion3PAGPipeline}[family]
+    modules = {k: v for k, v in pipe.components.items() if k in inspect.signature(cls.__init__).parameters}
+    # a full-name regex: diffusers' re.search would also match "blocks.1" in "blocks.10" and "attn" in "attn2"
+    pag = cls(**modules, pag_applied_layers=[re.escape(site_name) + "$"])
+    pag.set_progress_bar_config(disable=True)
+    return pag
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("family", ["sd15", "sd3"])  # SDXL: the same UNet PAG processor as SD 1.5
+def test_pag_equals_diffusers_pag_pipeline(tiny_pipe, family):
+    """PAG on every head of one layer, scope="image-image", equals diffusers' PAG pipeline at the same seed.
+
+    diffusers' SD3 PAG processors skip norm_q / norm_k; the tiny SD3 has no qk-norm, so the comparison is exact
+    there (see test_diffusers_sd3_pag_skips_qk_norm for a model with it). On UNets every scope is the identity.
+    """
+    pipe = tiny_pipe(family)
+    with install(pipe) as handle:
+        site = [s for s in handle.sites if s.kind == PERTURBED_KIND[handle.family.name]][-1]
+    if family == "sd3":
+        assert all(b.attn.norm_q is None for b in pipe.transformer.transformer_blocks)
+    kwargs = {**zoo.call_kwargs(family), "num_inference_steps": 2, "output_type": "latent"}
+    theirs = _diffusers_pag(pipe, family, site.name)(**kwargs, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    with perturbed_guidance(pipe, f"L{site.layer}", scale=3.0, scope="image-image"):
+        ours = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert (theirs - ours).abs().max() < 2e-5
+    assert (theirs - plain).abs().max() > 1e-2  # PAG's own effect, a thousand times the difference
+    if family == "sd3":  # the old "image" scope is another perturbation (image rows lose the text keys too)
+        with perturbed_guidance(pipe, f"L{site.layer}", scale=3.0, scope="image"):
+            image = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        assert (image - theirs).abs().max() > 1e-2
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_diffusers_sd3_pag_skips_qk_norm(tiny_pipe):
+    """On an SD3 with qk-norm (SD3.5) diffusers' PAG processors drop norm_q / norm_k on every path, so even at a
+    vanishing pag_scale their output is not the stock pipeline's; attnedit keeps the norms."""
+    from diffusers import SD3Transformer2DModel
+
+    base = tiny_pipe("sd3")
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**{**base.transformer.config, "qk_norm": "rms_norm"}).eval()
+    pipe = type(base)(**{**base.components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {**zoo.call_kwargs("sd3"), "num_inference_steps": 1, "output_type": "latent"}
+    stock = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    theirs = _diffusers_pag(pipe, "sd3", "transformer_blocks.0.attn")(**kwargs, pag_scale=1e-6,
+                                                                      generator=torch.Generator().manual_seed(0)).images
+    with perturbed_guidance(pipe, "L0", scale=1e-6, scope="image-image"):
+        ours = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    assert (theirs - stock).abs().max() > 1e-3
+
+
 def _attn_batches(model, name: str) -> list[int]:
     seen: list[int] = []
     module = dict(model.named_modules())[name]
@@ -249,7 +415,7 @@ def test_bad_arguments_and_restoration(tiny_pipe):
     pipe = tiny_pipe("sd15")
     model = zoo.denoiser(pipe)
     processors, forward = dict(model.attn_processors), model.forward
-    with pytest.raises(ValueError, match=r"scale=-1 must be a number >= 0"), perturbed_guidance(pipe, "L1", scale=-1):
+    with pytest.raises(ValueError, match=r"scale=-1 must be a finite number >= 0"), perturbed_guidance(pipe, "L1", scale=-1):
         pass
     with pytest.raises(ValueError, match=r"names head 9 of layer 1"), perturbed_guidance(pipe, "L1H9"):
         pass
@@ -259,6 +425,29 @@ def test_bad_arguments_and_restoration(tiny_pipe):
         raise RuntimeError("boom")
     assert model.attn_processors == processors and model.forward == forward
     assert not model._diffusers_hook.hooks
+
+
+BAD_GUIDANCE = [  # perturbed_guidance(pipe, **options): refused before anything is installed or run
+    ({"scale": math.nan}, "scale=nan must be a finite number >= 0"), ({"scale": math.inf}, "scale=inf"),
+    ({"scale": -1}, "scale=-1"), ({"scale": "2"}, "scale='2'"), ({"scale": True}, "scale=True"),
+    ({"cfg_scale": math.nan}, "cfg_scale=nan must be > 0 and finite"), ({"cfg_scale": math.inf}, "cfg_scale=inf"),
+    ({"cfg_scale": 0}, "cfg_scale=0"), ({"cfg_scale": "a"}, "cfg_scale='a'"),
+    ({"strength": math.nan}, "strength=nan must be in"), ({"strength": -0.5}, "strength=-0.5"),
+    ({"strength": "a"}, "strength='a'"), ({"steps": 5}, "steps=5 must be a window"), ({"steps": (0, math.inf)}, "steps="),
+    ({"target": "x"}, "target='x'"), ({"scope": "x"}, "scope='x' must be one of"), ({"share_prefix": "no"}, "share_prefix='no'"),
+    ({"backend": "x"}, "backend='x'"), ({"heads": "L9"}, "names layer 9; sd3 has joint-attention layers 0..1"),
+    ({"heads": "1:4"}, "names head 4 of layer 1; it has heads 0..3"), ({"heads": None}, "heads=None must be"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_GUIDANCE, ids=[repr(o) for o, _ in BAD_GUIDANCE])
+def test_perturbed_guidance_rejects(tiny_pipe, options, message):
+    pipe = tiny_pipe("sd3")
+    with pytest.raises(ValueError, match=message), perturbed_guidance(pipe, **{"heads": "L1", **options}):
+        pass
+    assert not any(type(p).__name__ == "EditProcessor" for p in pipe.transformer.attn_processors.values())
+    with pytest.raises(ValueError, match=r"soft_pag got unknown option\(s\) \['bogus'\]"):
+        soft_pag(pipe, "L1", bogus=1)
 
 
 def test_flux_true_cfg_takes_cfg_scale(tiny_pipe):

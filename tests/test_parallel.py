@@ -93,8 +93,9 @@ def test_which_calls_are_sharded_and_which_configs_edits_refuse():
 
 
 # ---------------------------------------------------------------- the ranks of one attention call, simulated
+@pytest.mark.parametrize("scope", ["all", "image-image"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_simulated_ranks_match_one_process_with_radial_key_mask_and_softpag(world):
+def test_simulated_ranks_match_one_process_with_radial_key_mask_and_softpag(world, scope):
     """HunyuanVideo-like joint call: 8 frames x 8 video tokens, then 8 text tokens of which 3 are padding."""
     torch.manual_seed(0)
     frames, per_frame, text, heads = 8, 8, 8, 4
@@ -104,7 +105,7 @@ def test_simulated_ranks_match_one_process_with_radial_key_mask_and_softpag(worl
     padding[..., -3:] = False
     hidden = torch.zeros(4, 8)
     hidden[:2, :3] = 1
-    edits = [RadialAttention(decay=0.5, block_size=8), KeyMask(mask=hidden), HeadBlend(strength=0.6, heads={0: (1, 3)})]
+    edits = [RadialAttention(decay=0.5, block_size=8), KeyMask(mask=hidden), HeadBlend(strength=0.6, heads={0: (1, 3)}, scope=scope)]
     call = _joint_call(video, text, heads, (frames, 2, 4))
     reference = attend(q, k, v, padding, call, edits, _sdpa)
     assert edits[0].block_mask(call).density < 0.9  # the radial mask is not trivially dense here

@@ -237,7 +237,7 @@ def attend(
         out = native(q, k, v, mask)
     for edit in edits:
         if edit.blends:
-            blended = edit.blend(call, out, v)
+            blended = edit.blend(call, out, v, query=q, key=k, mask=mask)
             rows = edit.rows(call)
             out = blended if rows is None else torch.where(rows[:, None, None, None], blended, out)
     return out

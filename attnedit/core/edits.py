@@ -6,7 +6,7 @@ covers. It can do any of four things, each a hook that returns ``None`` when it 
 * ``key_keep(call)``   -> bool ``(1 | B, S_k)``: which keys stay visible (a per-key vector, never S_q x S_k);
 * ``key_scale(call)``  -> float ``(1 | B, S_k)``: multiply keys (the soft ``(1 - M) * K`` form of key masking);
 * ``block_mask(call)`` -> :class:`BlockMask`: a block-sparse key restriction (radial attention);
-* ``blend(call, out, value)`` -> new output ``(B, H, S_q, D)``: per-head output blending (SoftPAG);
+* ``blend(call, out, value, query=, key=, mask=)`` -> new output ``(B, H, S_q, D)``: per-head blending (SoftPAG);
 * ``record(call, probs)``: observe attention probabilities ``(b, H, S_q, S_k)`` with gradients (refocusing).
 
 Where an edit acts is given by four optional filters shared by every edit: ``kinds`` (self / cross / joint),
@@ -19,17 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from attnedit.core.perturbation import SCOPES, head_table, image_image_attention
+
 if TYPE_CHECKING:
     from attnedit.core.families import AttentionCall, Site
 
 KINDS = ("self", "cross", "joint")
 BRANCHES = ("uncond", "cond", "perturbed")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _as_frozenset(name: str, values: Any, allowed: tuple[str, ...] | None = None) -> frozenset | None:
@@ -62,9 +69,10 @@ class Edit:
             raise ValueError(f"layers={sorted(layers)} must be non-negative integers")
         object.__setattr__(self, "layers", layers)
         if self.steps is not None:
-            start, stop = self.steps
-            if not 0 <= start < stop:
-                raise ValueError(f"steps={self.steps} must be a window (start, stop) with 0 <= start < stop")
+            window = tuple(self.steps) if isinstance(self.steps, (tuple, list)) else ()
+            if len(window) != 2 or not all(_is_int(i) for i in window) or not 0 <= window[0] < window[1]:
+                raise ValueError(f"steps={self.steps!r} must be a window (start, stop) of integers with 0 <= start < stop")
+            object.__setattr__(self, "steps", window)
 
     # -- where ---------------------------------------------------------------------------------------------
     def covers(self, call: AttentionCall) -> bool:
@@ -113,7 +121,8 @@ class Edit:
     def block_mask(self, call: AttentionCall) -> BlockMask | None:
         return None
 
-    def blend(self, call: AttentionCall, out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def blend(self, call: AttentionCall, out: torch.Tensor, value: torch.Tensor, *, query: torch.Tensor | None = None,
+              key: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         return out
 
     def record(self, call: AttentionCall, probs: torch.Tensor) -> None:
@@ -246,12 +255,14 @@ class KeyMask(Edit):
 
 @dataclass(frozen=True, kw_only=True)
 class HeadBlend(Edit):
-    """Blend selected heads' outputs toward a target: out_h <- (1 - u) out_h + u target_h.
+    """Blend selected heads' outputs toward a perturbed attention's: out_h <- (1 - u) out_h + u target_h.
 
-    With ``target="identity"`` the target is V itself, i.e. the head's map becomes (1 - u) A + u I, computed
-    without an S x S map. ``"uniform"`` uses the mean of V (a uniform map). ``heads`` maps a layer index to the
-    heads blended in that layer (None: every head of the covered layers). ``scope="image"`` blends only image/video
-    query rows of a joint sequence (diffusers' PAG behaviour); ``"all"`` blends every row (the SoftPAG paper's).
+    With ``target="identity"`` the head's map becomes (1 - u) A + u A_p, A_p the map of PAG's perturbation over
+    ``scope`` (:mod:`attnedit.core.perturbation`), computed without an S x S map: ``"all"`` (default, the SoftPAG
+    paper's) is the identity on every row, so A_p V = V; ``"image-image"`` (diffusers' SD3 PAG) keeps an image query's
+    own key and every text key; ``"image"`` sends image rows to the identity and leaves text rows alone.
+    ``"uniform"`` blends toward the mean of V (a uniform map; scopes "all" and "image"). ``heads`` maps a layer index
+    to the heads blended in that layer (None: every head of the covered layers).
     """
 
     strength: float = 1.0
@@ -262,16 +273,17 @@ class HeadBlend(Edit):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength={self.strength} must be in [0, 1]")
+        u = self.strength
+        if not isinstance(u, numbers.Real) or isinstance(u, bool) or not 0.0 <= u <= 1.0:
+            raise ValueError(f"strength={u!r} must be in [0, 1], a number (u: 0 = unperturbed, 1 = PAG)")
         if self.target not in ("identity", "uniform"):
             raise ValueError(f"target={self.target!r} must be 'identity' or 'uniform'")
-        if self.scope not in ("all", "image"):
-            raise ValueError(f"scope={self.scope!r} must be 'all' or 'image'")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} must be one of {', '.join(map(repr, SCOPES))}")
+        if self.scope == "image-image" and self.target != "identity":
+            raise ValueError(f"target={self.target!r} has no 'image-image' form (diffusers' PAG); use scope='all' or 'image'")
         if self.heads is not None:
-            if not self.heads or any(not hs for hs in self.heads.values()):
-                raise ValueError("heads selects no head; use None for every head")
-            object.__setattr__(self, "heads", {int(k): tuple(sorted(set(v))) for k, v in self.heads.items()})
+            object.__setattr__(self, "heads", head_table(self.heads))
             if self.layers is None:
                 object.__setattr__(self, "layers", frozenset(self.heads))
 
@@ -288,17 +300,24 @@ class HeadBlend(Edit):
             if bad:
                 raise ValueError(f"HeadBlend names head(s) {bad} of layer {layer}; it has heads 0..{by_layer[layer] - 1}")
 
-    def blend(self, call: AttentionCall, out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        if self.strength == 0.0:
+    def blend(self, call: AttentionCall, out: torch.Tensor, value: torch.Tensor, *, query: torch.Tensor | None = None,
+              key: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        heads = None  # indices into this call's heads; global indices shift under Ulysses (a slice of the heads)
+        if self.heads is not None:
+            heads = [h - call.head_offset for h in self.heads.get(call.site.layer, ()) if 0 <= h - call.head_offset < out.shape[1]]
+        if self.strength == 0.0 or heads == []:
             return out
         if out.shape[-2] != value.shape[-2]:
             raise ValueError(f"HeadBlend needs self/joint attention (queries == keys) at {call.site.name}")
+        if self.scope == "image-image" and call.text_keys is not None:
+            if query is None or key is None:
+                raise ValueError(f"scope='image-image' needs the queries and keys of the call at {call.site.name}")
+            rows, index = call.image_queries, slice(None) if heads is None else heads
+            perturbed = image_image_attention(query, key, value, call, mask, heads)
+            blended = out.clone()
+            blended[:, index, rows] = out[:, index, rows] + self.strength * (perturbed - out[:, index, rows])
+            return blended
         weight = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
-        heads = None if self.heads is None else self.heads.get(call.site.layer)
-        if heads is not None:  # global head indices -> this call's heads (a slice of them under Ulysses)
-            heads = [h - call.head_offset for h in heads if 0 <= h - call.head_offset < out.shape[1]]
-            if not heads:
-                return out
         weight[heads if heads is not None else slice(None)] = self.strength
         weight = weight.view(1, -1, 1, 1)
         target = value if self.target == "identity" else value.mean(dim=-2, keepdim=True).expand_as(value)

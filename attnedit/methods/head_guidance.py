@@ -18,8 +18,10 @@ perturbed block, so that prefix runs once and is copied (``share_prefix``).
 
 Head sets are written ``"7:3,9:12"``, ``"L7H3,L9H12"`` or ``"L7"`` (every head of layer 7); a layer is the
 family adapter's index among self-attention (UNet, Wan) or joint-attention (SD3, FLUX, HunyuanVideo) sites.
-``scope="all"`` perturbs the whole joint [image; text] sequence (the SoftPAG paper); ``scope="image"`` only the
-image-token query rows (diffusers' PAG pipelines).
+On joint [image; text] attention ``scope`` says which part of the map is perturbed (:mod:`attnedit.core.perturbation`):
+``"all"`` (default) the identity over the whole sequence (the SoftPAG paper, HeadHunter); ``"image-image"`` only the
+image->image block, an image query keeping its own key and every text key (diffusers' SD3 PAG pipelines, which it
+equals); ``"image"`` the identity on image rows only (text keys dropped too).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
+import numbers
 import os
 import pathlib
 import re
@@ -68,7 +72,7 @@ def parse_heads(spec: HeadSpec) -> list[tuple[int, int | None]]:
     if isinstance(spec, str) and spec.strip() in _shipped_presets():
         return parse_heads(load_heads(PRESETS / f"{spec.strip()}.json"))
     if isinstance(spec, dict):
-        pairs = [(k, h) for k, hs in spec.items() for h in ([None] if hs is None else hs)]
+        pairs = [(k, h) for k, hs in spec.items() for h in _dict_heads(spec, hs)]
     elif isinstance(spec, str):
         pairs = [_parse_item(item) for item in re.split(r"[,\s]+", spec.strip()) if item]
     elif isinstance(spec, (list, tuple)):
@@ -78,8 +82,9 @@ def parse_heads(spec: HeadSpec) -> list[tuple[int, int | None]]:
     if not pairs:
         raise ValueError(f"heads={spec!r} selects no head; give at least one, e.g. '7:3' or 'L7' (all heads of layer 7)")
     for layer, head in pairs:
-        if not isinstance(layer, int) or layer < 0 or (head is not None and (not isinstance(head, int) or head < 0)):
-            raise ValueError(f"heads={spec!r}: ({layer}, {head}) is not a (layer >= 0, head >= 0 or None) pair")
+        if not _index(layer) or not (head is None or _index(head)):
+            raise ValueError(f"heads={spec!r}: ({layer!r}, {head!r}) is not a (layer >= 0, head >= 0 or None) pair of integers")
+    pairs = [(int(layer), None if head is None else int(head)) for layer, head in pairs]
     whole = {layer for layer, head in pairs if head is None}  # "L7" absorbs "L7H3"
     pairs = {(layer, head) for layer, head in pairs if head is None or layer not in whole}
     return sorted(pairs, key=lambda p: (p[0], -1 if p[1] is None else p[1]))
@@ -96,12 +101,27 @@ def _parse_item(item: str) -> tuple[int, int | None]:
     return int(c), None if d is None else int(d)
 
 
-def _pair(p: Any) -> tuple[int, int | None]:
+def _index(value: Any) -> bool:
+    """A layer or head index: an integer >= 0 (not a bool, not a float that happens to be whole)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def _pair(p: Any) -> tuple[Any, Any]:
+    """A list entry: ``(layer, head)`` or an item string ("L7H3"); the indices are checked by parse_heads."""
     if isinstance(p, str):
         return _parse_item(p)
     if not isinstance(p, (list, tuple)) or len(p) != 2:
         raise ValueError(f"head {p!r} must be a (layer, head) pair")
-    return (int(p[0]), None if p[1] is None else int(p[1]))
+    return p[0], p[1]
+
+
+def _dict_heads(spec: dict, heads: Any) -> list[Any]:
+    """The heads of one ``{layer: heads}`` entry: None (every head), one index, or a list / tuple / set of them."""
+    if heads is None or _index(heads):
+        return [heads]
+    if not isinstance(heads, (list, tuple, set, frozenset, range)):
+        raise ValueError(f"heads={spec!r}: the heads of a layer must be None, an index or a list of indices, not {heads!r}")
+    return list(heads)
 
 
 def format_heads(heads: HeadSpec) -> str:
@@ -109,8 +129,8 @@ def format_heads(heads: HeadSpec) -> str:
     return ",".join(f"{layer}:{'*' if head is None else head}" for layer, head in parse_heads(heads))
 
 
-def load_heads(path: str | os.PathLike) -> list[tuple[int, int]]:
-    """The selected heads of a HeadHunter ranking file (``{"heads": [[layer, head], ...], ...}``)."""
+def load_heads(path: str | os.PathLike) -> list[tuple[int, int | None]]:
+    """The selected heads of a HeadHunter ranking file (``{"heads": [[layer, head], ...], ...}``), in its order."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -118,7 +138,9 @@ def load_heads(path: str | os.PathLike) -> list[tuple[int, int]]:
         raise ValueError(f"heads={str(path)!r} is not a readable ranking JSON file: {error}") from error
     if not isinstance(data, dict) or not isinstance(data.get("heads"), list):
         raise ValueError(f"heads={str(path)!r}: a ranking file needs a 'heads' list of [layer, head] pairs")  # noqa: TRY004
-    return [_pair(p) for p in data["heads"]]
+    pairs = [_pair(p) for p in data["heads"]]
+    parse_heads(pairs)  # the same checks as every other head set (ValueError naming the file's entry)
+    return [(int(layer), None if head is None else int(head)) for layer, head in pairs]
 
 
 def head_presets() -> dict[str, dict[str, Any]]:
@@ -145,6 +167,8 @@ def resolve_heads(spec: HeadSpec, sites: list[Site], family: str) -> dict[int, t
                          f"this model is {family}: search its own heads (attnedit heads) or name them")
     kind = PERTURBED_KIND[family]
     counts = {s.layer: s.heads for s in sites if s.kind == kind}
+    if not counts:
+        raise ValueError(f"heads={spec!r}: this {family} model has no {kind}-attention layer to perturb")
     resolved: dict[int, set[int]] = {}
     for layer, head in parse_heads(spec):
         if layer not in counts:
@@ -186,7 +210,13 @@ def soft_pag(model: Any, heads: HeadSpec, strength: float = 1.0, **options: Any)
     with install(model) as probe:
         sites, family = probe.sites, probe.family.name
     kind = PERTURBED_KIND[family]
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ValueError(f"soft_pag got unknown option(s) {unknown}; valid: {sorted(_OPTIONS)}")
     return SoftPAG(heads=resolve_heads(heads, sites, family), strength=strength, kinds=frozenset({kind}), **options)
+
+
+_OPTIONS = {"target", "scope", "steps", "branches"}  # SoftPAG's fields soft_pag passes on (heads and kinds it sets)
 
 
 # ------------------------------------------------------------------------------------------------- guidance
@@ -318,10 +348,12 @@ def perturbed_guidance(
     >>> with perturbed_guidance(pipe, heads="L1H0,L1H1", scale=3.0, strength=0.5, steps=(0, 20)):  # doctest: +SKIP
     ...     image = pipe("a cat", guidance_scale=5.0).images[0]
     """
-    if not isinstance(scale, (int, float)) or scale < 0:
-        raise ValueError(f"scale={scale!r} must be a number >= 0 (the PAG guidance weight w_pag)")
-    if cfg_scale is not None and cfg_scale <= 0:
-        raise ValueError(f"cfg_scale={cfg_scale!r} must be > 0 (the CFG weight the pipeline applies), or None")
+    if not _finite(scale) or scale < 0:
+        raise ValueError(f"scale={scale!r} must be a finite number >= 0 (the PAG guidance weight w_pag)")
+    if cfg_scale is not None and (not _finite(cfg_scale) or cfg_scale <= 0):
+        raise ValueError(f"cfg_scale={cfg_scale!r} must be > 0 and finite (the CFG weight the pipeline applies), or None")
+    if not isinstance(share_prefix, bool):
+        raise ValueError(f"share_prefix={share_prefix!r} must be True or False")
     edit = soft_pag(pipe, heads, strength, target=target, scope=scope, branches=frozenset({"perturbed"}), steps=steps)
     with ExitStack() as stack:
         handle = stack.enter_context(install(pipe, edit, backend=backend))
@@ -334,6 +366,10 @@ def perturbed_guidance(
             for block in _prefix_blocks(handle, edit) if share else []:
                 _register(stack, modules[block], _PrefixHook(hook), _HOOK + "_prefix")
         yield handle
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _register(stack: ExitStack, module: torch.nn.Module, hook: ModelHook, name: str) -> None:

@@ -77,8 +77,8 @@ class SoftPAGGuidance(BaseGuidance):
             steps ``int(start * N) <= i < int(stop * N)``. Unlike diffusers' PAG guider (``start < i``, default
             0.01 .. 0.2) the start step is included and the default is every step, as in ``perturbed_guidance``.
         target: ``"identity"`` (PAG) or ``"uniform"`` (``(1 - u) A + u U``).
-        scope: ``"all"`` perturbs every query row of a joint sequence (the SoftPAG paper), ``"image"`` only the
-            image-token rows (diffusers' PAG pipelines).
+        scope: ``"all"`` the identity over the whole joint sequence (the SoftPAG paper); ``"image-image"`` only the
+            image->image block (diffusers' SD3 PAG); ``"image"`` the identity on image rows only.
         share_prefix: reuse the cond pass's outputs of the blocks before the first perturbed one (DiT families).
         guidance_rescale, use_original_formulation, start, stop, enabled: as in diffusers' CFG / PAG guiders
             (``start`` / ``stop`` bound the CFG window).
@@ -109,8 +109,9 @@ class SoftPAGGuidance(BaseGuidance):
         super().__init__(start, stop, enabled)
         if heads is None:
             raise ValueError("SoftPAGGuidance needs heads=, e.g. heads='7:3,9:12', 'L7' or a ranking JSON path")
-        if not isinstance(perturbed_guidance_scale, (int, float)) or perturbed_guidance_scale < 0:
-            raise ValueError(f"perturbed_guidance_scale={perturbed_guidance_scale!r} must be a number >= 0 (w_pag)")
+        w = perturbed_guidance_scale
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"perturbed_guidance_scale={w!r} must be a number >= 0 and finite (w_pag)")
         if not 0.0 <= perturbed_guidance_start <= perturbed_guidance_stop <= 1.0:
             raise ValueError(
                 f"perturbed_guidance_start={perturbed_guidance_start}, perturbed_guidance_stop="
