@@ -141,3 +141,34 @@ def test_bad_video_and_family_are_one_value_error(tmp_path, tiny_pipe):
         VideoEditor(tiny_pipe("sd3"))
     with pytest.raises(ValueError, match="guidance-distilled"):
         _editor(tiny_pipe, "hunyuan_video", guidance_scale=2.0)
+
+
+def test_cli_removes_and_bad_input_writes_nothing(tmp_path, tiny_pipe, capsys):
+    from attnedit.surfaces.cli import main
+
+    tiny_pipe("wan")  # saved into the session's zoo folder, which tiny:wan loads from
+    video, track = _clip()
+    save_video(video, tmp_path / "clip.gif", fps=8)
+    save_video(load_masks(track, FRAMES, (HEIGHT, WIDTH)).numpy().astype(np.uint8) * 255, tmp_path / "masks")
+    out = tmp_path / "clean.gif"
+    common = ["--model", "tiny:wan", "--device", "cpu", "--steps", "2"]
+    assert main(["edit-video", "remove", str(tmp_path / "clip.gif"), "--masks", str(tmp_path / "masks"),
+                 "--out", str(out), *common]) == 0
+    frames, fps = load_video(out)
+    assert frames.shape == video.shape and round(fps) == 8
+    bad = tmp_path / "bad.gif"
+    for extra in (["--box", "0,0,40,24"], ["--track", "2,2,12,12"], ["--masks", str(tmp_path / "masks"), "--box", "1,1,5,5"]):
+        assert main(["edit-video", "remove", str(tmp_path / "clip.gif"), *extra, "--out", str(bad), *common]) == 2
+    assert main(["edit-video", "remove", str(tmp_path / "clip.gif"), "--box", "1,1,5,5", "--out", str(bad),
+                 "--model", "tiny:sd3"]) == 2
+    assert not bad.exists()
+    assert "edit-video needs a Wan or HunyuanVideo" in capsys.readouterr().err
+
+
+def test_batch_task(tmp_path, tiny_pipe):
+    from attnedit.surfaces.batch import TASKS
+
+    video, track = _clip()
+    params = {"video": video, "track": [list(track[0]), list(track[-1])], "steps": 2, "width": 32}
+    frames = TASKS["edit-video"](tiny_pipe("wan"), params)
+    assert len(frames) == FRAMES and frames[0].size == (WIDTH, HEIGHT) and params["fps"] == 16.0

@@ -148,8 +148,10 @@ class VideoEditor:
             return None
         edit = RadialAttention.preset(self.model.family if radial is True else radial) if not isinstance(radial, RadialAttention) else radial
         if edit.steps is not None:
-            raise ValueError(f"radial={edit!r} has a step window; give dense_steps instead")
-        return edit
+            raise ValueError(f"radial={edit!r} has a step window; give dense_steps / dense_tail_steps instead")
+        if edit.num_steps not in (None, self.config.num_steps):
+            raise ValueError(f"radial num_steps={edit.num_steps} differs from the editor's num_steps={self.config.num_steps}")
+        return dataclasses.replace(edit, num_steps=self.config.num_steps)
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _prepare(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -163,10 +165,10 @@ class VideoEditor:
     def _edits(self, hole_keys: torch.Tensor | None, inversion: bool) -> list:
         c, edits = self.config, []
         r = self.radial
-        if r is not None and not inversion:
+        if r is not None and inversion:  # inversion step k is sampling step n - 1 - k: head and tail swap
+            r = dataclasses.replace(r, dense_steps=r.dense_tail_steps, dense_tail_steps=r.dense_steps)
+        if r is not None:
             edits.append(r)
-        elif r is not None and c.num_steps > r.dense_steps:  # inversion step k is sampling step n - 1 - k
-            edits.append(dataclasses.replace(r, dense_steps=0, steps=(0, c.num_steps - r.dense_steps)))
         if hole_keys is not None and c.key_mask and c.step(c.mask_until) > 0:
             edits.append(VideoKeyMask(mask=hole_keys, mode=c.mode, kinds=self.model.kinds,
                                       steps=(0, c.step(c.mask_until)), branches=frozenset({"cond"})))

@@ -28,11 +28,25 @@ class VideoModel(EditModel):
                  text_length: int | None = None, prompt_template: dict | None = None) -> None:
         super().__init__(pipe, num_steps, prompt)
         self.kinds = frozenset({"self"}) if self.family == "wan" else frozenset({"joint"})
-        self.embedded_guidance, self.prompt_template = embedded_guidance, prompt_template
+        self.embedded_guidance = embedded_guidance
+        self.prompt_template = prompt_template if prompt_template is not None or self.family == "wan" else self._template()
         from attnedit.shapes.builtin import call_options
 
         default = 512 if self.family == "wan" else 256
         self.text_length = text_length or call_options(pipe).get("max_sequence_length", default)
+
+    def _template(self) -> dict | None:
+        """None (the pipeline's own) unless its tokenizer cannot even hold the stock template's system prompt
+        (the tiny zoo's word tokenizer): then the zoo's short template."""
+        import inspect
+
+        stock = inspect.signature(self.pipe.encode_prompt).parameters["prompt_template"].default
+        tokens = len(self.pipe.tokenizer(stock["template"].format(""))["input_ids"])
+        if tokens > stock["crop_start"]:
+            return None
+        from attnedit.models.zoo import HUNYUAN_PROMPT_TEMPLATE
+
+        return HUNYUAN_PROMPT_TEMPLATE
 
     # -- geometry ---------------------------------------------------------------------------------------------
     @property

@@ -335,3 +335,9 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     else:
         frames = pipe(params["prompt"], **kwargs).frames[0]
     return [Image.fromarray((frame * 255).round().clip(0, 255).astype("uint8")) for frame in frames]
+
+
+# edit-video (object removal from a real video) lives with its command; that module never imports this one
+from attnedit.surfaces.video_edit_cli import edit_video_task  # noqa: E402
+
+TASKS["edit-video"] = edit_video_task

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from attnedit.surfaces import video_edit_cli
 from attnedit.surfaces.loading import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
 
 EXAMPLES = """examples:
@@ -13,6 +14,7 @@ EXAMPLES = """examples:
   attnedit generate --layout layout.json --heads L1H0,L1H1 --out grounded.png
   attnedit edit remove photo.png --mask mask.png --out clean.png
   attnedit video "a ball rolling" --frames 9 --out ball.mp4 --save-frames
+  attnedit edit-video remove clip.mp4 --masks masks/ --out clean.mp4   # or --track x0,y0,x1,y1:x0,y0,x1,y1
   torchrun --nproc_per_node 2 -m attnedit video "a ball rolling" --ulysses 2 --out ball.mp4   # 2 GPUs, 1 video
   attnedit heads --model tiny:sd3 --prompt "a cat" --layers 0-1 --workdir runs/hh
   attnedit batch jobs.jsonl --out results/  # resumable; under `accelerate launch` jobs are sharded
@@ -305,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one video on N GPUs (Ulysses context parallelism); launch with torchrun --nproc_per_node N")
     _model_options(video, default=DEFAULT_VIDEO_MODEL)
     video.set_defaults(run=_video)
+    video_edit_cli.add_parser(sub, _model_options)  # attnedit edit-video remove clip.mp4 --masks masks/
     heads = sub.add_parser("heads", help="HeadHunter search for heads to perturb (options: attnedit heads --help)",
                            add_help=False)
     heads.add_argument("rest", nargs=argparse.REMAINDER)

@@ -96,7 +96,7 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
 
 def default_model(task_name: str) -> str:
     """The model a task uses when none is given: the built-in video model for video, else the image model."""
-    return DEFAULT_VIDEO_MODEL if task_name == "video" else DEFAULT_MODEL
+    return DEFAULT_VIDEO_MODEL if task_name in ("video", "edit-video") else DEFAULT_MODEL
 
 
 def tiny_defaults(model: str | None, task_name: str) -> dict:
