@@ -343,7 +343,9 @@ def perturbed_guidance(
     ``scale`` is w_pag, ``strength`` is u, ``steps=(start, stop)`` the denoising steps where the perturbed branch
     runs (outside it no extra pass is made). ``cfg_scale`` overrides the CFG weight read from the pipeline (pass
     ``true_cfg_scale`` for FLUX/HunyuanVideo true CFG). ``share_prefix`` computes the blocks before the first
-    perturbed one once for cond and perturbed rows (DiT families).
+    perturbed one once for cond and perturbed rows (DiT families). ``scope`` on joint attention: ``"all"`` (the
+    paper's identity over [image; text]), ``"image-image"`` (diffusers' SD3 PAG: equals StableDiffusion3PAGPipeline)
+    or ``"image"`` (see :mod:`attnedit.core.perturbation`). Every bad argument is one ValueError naming it.
 
     >>> with perturbed_guidance(pipe, heads="L1H0,L1H1", scale=3.0, strength=0.5, steps=(0, 20)):  # doctest: +SKIP
     ...     image = pipe("a cat", guidance_scale=5.0).images[0]
