@@ -281,6 +281,38 @@ def test_u0_is_exactly_unperturbed_and_only_selected_heads_matter(tiny_pipe, fam
     assert not torch.allclose(perturbed, plain, atol=1e-4)
 
 
+class _DenseScope(HeadBlend):
+    """The perturbed heads computed densely: softmax over the scope's S x S keep map (own key always kept)."""
+
+    def blend(self, call, out, value, *, query=None, key=None, mask=None):
+        keep = perturbed_keep(call, self.scope)
+        own = torch.zeros_like(keep)
+        own[call.image_queries, call.image_keys] = torch.eye(call.image_queries.stop - call.image_queries.start, dtype=torch.bool)
+        if mask is not None:
+            keep = keep & (mask if mask.dtype == torch.bool else mask > float("-inf"))
+        perturbed, _ = dense_attention(query, key, value, keep | own)
+        heads = list(self.heads[call.site.layer])
+        blended = out.clone()
+        blended[:, heads] = out[:, heads] + self.strength * (perturbed[:, heads] - out[:, heads])
+        return blended
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "hunyuan_video"])
+def test_image_image_scope_in_whole_models_equals_the_dense_map(tiny_pipe, family):
+    """Joint blocks of each layout ([image, text] SD3; [text, image] FLUX single-stream; HunyuanVideo's padded text)."""
+    pipe = tiny_pipe(family)
+    model, call = zoo.denoiser(pipe), _captured(pipe, family)[0]
+    edit = soft_pag(model, "L0H1,L1H0", strength=0.8, scope="image-image")
+    with install(model, edit):
+        fast = _run(model, call)
+    with install(model, _DenseScope(heads=edit.heads, kinds=edit.kinds, strength=0.8, scope="image-image")):
+        dense = _run(model, call)
+    with install(model, soft_pag(model, "L0H1,L1H0", strength=0.8)):
+        everything = _run(model, call)
+    torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast, everything, atol=1e-3)  # not the paper's scope
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "wan"])
 def test_guidance_formula_matches_three_separate_passes(tiny_pipe, family):
     pipe = tiny_pipe(family)
