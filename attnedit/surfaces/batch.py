@@ -1,10 +1,15 @@
 """Batch jobs: many generations/edits from a JSONL or YAML spec, resumable, shardable across processes.
 
 A job is a dict with a ``task`` (see :data:`TASKS`), an optional ``model`` and ``id``, and the task's
-parameters. Jobs run grouped by model with one loaded pipeline per model. Each job's outputs are written
-atomically, then its JSON sidecar (``<id>.json``), which marks it done: a killed run started again skips
-every job whose sidecar exists and redoes nothing. A failing job is recorded (``<id>.error.json``) and the
-others go on. Under ``accelerate launch`` each process takes every n-th job (n = number of processes).
+parameters. Every job's fields are checked (:mod:`attnedit.surfaces.params`) before any model is loaded.
+Jobs run grouped by model with one loaded pipeline per model. Each job's outputs are written atomically, then its
+JSON sidecar (``<id>.job.json``), which marks it done: a killed run started again skips every job whose sidecar
+says done and redoes nothing. A failing job is recorded (``<id>.error.json``) and the others go on. Under
+``accelerate launch`` each process takes every n-th job (n = number of processes).
+
+Names: an id has no '.', so a job's files are ``<id>.png`` (one image), ``<id>.0000.png``... (several, or video
+frames), ``<id>.mp4``, ``<id>.job.json``, ``<id>.error.json``; no job can reach another's files or the batch's own
+(``summary.json``, hidden ``.summary.<rank>.json`` and ``.*.tmp``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from typing import Any
 
 from attnedit.surfaces.outputs import atomic_write_json, save_mp4, save_png
 from attnedit.surfaces.quantize import LOAD_FIELDS, load_fields
+from attnedit.surfaces.jobfile_yaml import load_yaml
+from attnedit.surfaces.params import check_id, check_model_kind, check_params, model_kind, pipeline_kind, text
+
+MAX_JOB_FILE = 64 * 2**20  # bytes of a job file; also the budget of a YAML file's nodes after alias expansion
 
 Task = Callable[[Any, dict[str, Any]], list]  # (pipeline, params) -> list of PIL images
 TASKS: dict[str, Task] = {}
@@ -63,63 +72,94 @@ class Summary:
 def job_id(spec: dict[str, Any]) -> str:
     """Explicit ``id``, else a stable hash of the job's content (same job -> same outputs -> resumable)."""
     if "id" in spec:
-        value = str(spec["id"])
-        if not value or any(c in value for c in "/\\\0") or value.startswith("."):
-            raise ValueError(f"job id {value!r} must be a plain file name")
-        return value
+        return check_id(spec["id"])
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{spec.get('task', 'job')}-{digest}"
 
 
 def parse_jobs(specs: list[Any], where: str = "spec") -> list[Job]:
-    """Validate job dicts: known task, unique ids. Errors name the job's position."""
+    """Validate job dicts: known task, valid fields, unique ids (also ignoring case: macOS and Windows file names
+    do), a model of the task's kind where the name tells. Errors name the job's position and the field."""
     jobs, seen = [], set()
     for index, spec in enumerate(specs, start=1):
-        if not isinstance(spec, dict):
-            raise ValueError(f"{where} job {index}: expected an object, got {type(spec).__name__}")
-        name = spec.get("task")
-        if name not in TASKS:
-            raise ValueError(f"{where} job {index}: task={name!r}; valid: {sorted(TASKS)}")
-        jid = job_id(spec)
-        if jid in seen:
-            raise ValueError(f"{where} job {index}: duplicate id {jid!r}")
-        seen.add(jid)
-        params = {k: v for k, v in spec.items() if k not in ("id", "task", "model", *LOAD_FIELDS)}
-        jobs.append(Job(jid, name, spec.get("model"), params, load_fields(spec)))
+        try:
+            jobs.append(_parse_job(spec, seen))
+        except ValueError as error:
+            raise ValueError(f"{where} job {index}: {error}") from None
     return jobs
+
+
+def _parse_job(spec: Any, seen: set[str]) -> Job:
+    if not isinstance(spec, dict):
+        raise ValueError(f"expected an object, got {type(spec).__name__}")
+    name = spec.get("task")
+    if name not in TASKS:
+        raise ValueError(f"task={name!r}; valid: {sorted(TASKS)}")
+    jid = job_id(spec)
+    if jid.lower() in seen:
+        raise ValueError(f"duplicate id {jid!r}")
+    seen.add(jid.lower())
+    model = spec.get("model")
+    if model is not None:
+        check_model_kind(text("model", model), name, model_kind(model))
+    params = {k: v for k, v in spec.items() if k not in ("id", "task", "model", *LOAD_FIELDS)}
+    if name in _FIELDS_CHECKED:
+        params = check_params(name, params)
+    return Job(jid, name, model, params, load_fields(spec))
+
+
+_FIELDS_CHECKED = ("generate", "edit", "video")  # the built-in tasks; a task registered elsewhere checks its own
 
 
 def load_jobs(path: str | Path) -> list[Job]:
     """Jobs from a .jsonl file (one object per line, # comments) or a .yaml/.yml file (a list, or {defaults, jobs})."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_JOB_FILE:
+            raise ValueError(f"job file {str(path)!r} is larger than {MAX_JOB_FILE >> 20} MiB")
+        content = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ValueError(f"cannot read job file {str(path)!r}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"job file {str(path)!r} is not UTF-8 text") from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML: {error}") from None
+        data = load_yaml(content, path, MAX_JOB_FILE)
         defaults = data.get("defaults", {}) if isinstance(data, dict) else {}
         specs = data.get("jobs", []) if isinstance(data, dict) else data
+        if isinstance(data, dict) and set(data) - {"defaults", "jobs"}:
+            raise ValueError(f"{path}: unknown top-level key(s) {sorted(map(str, set(data) - {'defaults', 'jobs'}))}; "
+                             "valid: ['defaults', 'jobs']")
+        if not isinstance(defaults, dict):
+            raise ValueError(f"{path}: defaults={defaults!r} must be a mapping of job fields")
         if not isinstance(specs, list):
             raise ValueError(f"{path}: expected a list of jobs or a mapping with 'jobs'")
         return parse_jobs([{**defaults, **s} if isinstance(s, dict) else s for s in specs], str(path))
     specs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(content.splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
             try:
                 specs.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON: {error.msg}") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{number}: nested too deeply") from None
     return parse_jobs(specs, str(path))
 
 
 def is_done(out_dir: Path, job: Job) -> bool:
-    return (out_dir / f"{job.id}.json").exists()
+    """The job's sidecar exists and says done (a failure is never mistaken for it)."""
+    try:
+        return json.loads((out_dir / f"{job.id}.job.json").read_text()).get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def output_names(job: Job, count: int, video: bool) -> list[str]:
+    """The files of a job with ``count`` images: ``<id>.png`` alone, else ``<id>.0000.png``... (plus ``<id>.mp4``)."""
+    names = [f"{job.id}.mp4"] if video else []
+    if count == 1 and not video:
+        return [f"{job.id}.png"]
+    return names + [f"{job.id}.{index:04d}.png" for index in range(count)]
 
 
 def run_job(pipe: Any, job: Job, out_dir: Path, model_name: str | None) -> list[str]:
@@ -130,17 +170,19 @@ def run_job(pipe: Any, job: Job, out_dir: Path, model_name: str | None) -> list[
     params = {**tiny_defaults(model_name, job.task), **job.params}
     images = TASKS[job.task](pipe, params)
     record = {**job.record(), "model": model_name or "default"}
-    names = []
-    if job.task == "video":
-        save_mp4(out_dir / f"{job.id}.mp4", images, int(params.get("fps", 16)))
-        names.append(f"{job.id}.mp4")
-    if job.task != "video" or params.get("save_frames"):
-        for index, image in enumerate(images):
-            name = f"{job.id}.png" if len(images) == 1 else f"{job.id}_{index}.png"
+    video = job.task in ("video", "edit-video")
+    names = output_names(job, len(images) if not video or params.get("save_frames") else 0, video)
+    try:
+        if video:
+            save_mp4(out_dir / names[0], images, int(params.get("fps", 16)))
+        for name, image in zip(names[1:] if video else names, images):
             save_png(out_dir / name, image, record)
-            names.append(name)
-    atomic_write_json(out_dir / f"{job.id}.json", {"status": "done", "job": record, "outputs": names,
-                                                   "seconds": round(time.perf_counter() - start, 3)})
+        atomic_write_json(out_dir / f"{job.id}.job.json", {"status": "done", "job": record, "outputs": names,
+                                                           "seconds": round(time.perf_counter() - start, 3)})
+    except BaseException:  # interrupted or failed half-way: no output of an unfinished job under its final name
+        for name in names:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
     (out_dir / f"{job.id}.error.json").unlink(missing_ok=True)
     return names
 
@@ -169,6 +211,7 @@ def run_batch(
     for (model, options), group in by_model.items():
         try:
             pipe = load(model, **dict(options)) if options else load(model)
+            kind = pipeline_kind(pipe)
         except Exception as error:  # a model that cannot load fails its jobs, not the batch
             for job in group:
                 _fail(out_dir, job, summary, f"cannot load model {model!r}: {error}", bar)
@@ -176,6 +219,7 @@ def run_batch(
         for job in group:
             bar.set_description(f"job {bar.n + 1}/{len(todo)} {job.id}")
             try:
+                check_model_kind(model, job.task, kind)
                 run_job(pipe, job, out_dir, model)
                 summary.done.append(job.id)
             except Exception as error:
@@ -195,12 +239,6 @@ def _fail(out_dir: Path, job: Job, summary: Summary, message: str, bar: Any, tra
 # --- built-in tasks -------------------------------------------------------------------------------------------
 
 
-def _check_params(task_name: str, params: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(params) - allowed
-    if unknown:
-        raise ValueError(f"{task_name}: unknown parameter(s) {sorted(unknown)}; valid: {sorted(allowed)}")
-
-
 @task("generate")
 def generate_task(pipe: Any, params: dict[str, Any]) -> list:
     """Text to image with a stock pipeline, optionally refocused to a ``layout`` and guided away from ``heads``.
@@ -213,16 +251,10 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
 
     import torch
 
-    allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "num_images",
-               "layout", "refocus_steps", "heads", "pag_scale", "pag_strength"}
-    _check_params("generate", params, allowed)
+    params = check_params("generate", params)
     layout = _layout(params)
     prompt = params.get("prompt") or (layout.prompt if layout else "")
-    if not str(prompt).strip():
-        raise ValueError("generate: prompt is required")
     steps = int(params.get("steps", 30))
-    if steps < 1:
-        raise ValueError(f"generate: steps={params['steps']} must be >= 1")
     from attnedit.shapes.builtin import call_options
 
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height") if k in params}
@@ -267,20 +299,16 @@ def edit_task(pipe: Any, params: dict[str, Any]) -> list:
     """DesignEdit operation on a real image: ``operation`` in EDIT_OPERATIONS, ``image``, ``mask`` (path or box
     [x0, y0, x1, y1]), ``dx``/``dy`` (move), ``scale`` (resize, zoom-out), ``direction`` (flip h|v; pan
     left|right|up|down), ``amount`` (pan, px), ``layers`` (compose: [{image, mask, dx, dy}]), ``steps``, ``dilation``,
+    ``fill_dilation`` (zoom-out/pan),
     ``hole_noise`` (fresh noise in the hole), ``guidance_scale``; unset ones take the model family's defaults (SD, SDXL, SD3:
     CFG 7.5, no hole noise; FLUX: one pass, hole noise 1)."""
     from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor, ObjectLayer
 
-    allowed = {"operation", "image", "mask", "dx", "dy", "scale", "direction", "amount", "layers", "steps", "dilation",
-               "guidance_scale", "hole_noise"}
-    _check_params("edit", params, allowed)
-    operation = params.get("operation")
-    if operation not in EDIT_OPERATIONS:
-        raise ValueError(f"edit: operation={operation!r}; valid: {list(EDIT_OPERATIONS)}")
-    for needed in ("image",) + (("mask",) if operation in ("remove", "move", "resize", "flip") else ()):
-        if needed not in params:
-            raise ValueError(f"edit {operation}: {needed} is required")
+    params = check_params("edit", params)
+    operation = params["operation"]
     optional = {k: float(params[k]) for k in ("guidance_scale", "hole_noise") if params.get(k) is not None}
+    if "fill_dilation" in params:  # zoom-out/pan's mask growth (the built-ins' edit defaults set it)
+        optional["fill_dilation"] = int(params["fill_dilation"])
     config = DesignEditConfig(num_steps=int(params.get("steps", 50)), **optional)  # unset: the family's defaults
     editor, image, mask = DesignEditor(pipe, config), params["image"], _mask_value(params.get("mask"))
     extra = {"dilation": int(params["dilation"])} if "dilation" in params else {}
@@ -317,11 +345,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
 
     from attnedit.pipelines.radial import generate_radial
 
-    allowed = {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "frames", "radial",
-               "dense_steps", "dense_layers", "decay", "fps", "save_frames", "max_sequence_length"}
-    _check_params("video", params, allowed)
-    if not str(params.get("prompt", "")).strip():
-        raise ValueError("video: prompt is required")
+    params = check_params("video", params)
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height", "max_sequence_length")
               if k in params}
     kwargs.update(num_inference_steps=int(params.get("steps", 30)), output_type="np",

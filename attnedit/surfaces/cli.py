@@ -1,4 +1,9 @@
-"""The ``attnedit`` command line."""
+"""The ``attnedit`` command line.
+
+Start-up is light: this module imports no torch or diffusers, so ``--help`` and argument errors answer at once; the
+libraries load when a command runs, after its arguments, inputs and output paths are checked. Every bad input is one
+line naming the argument and the value, exit code 2; Ctrl-C is one line, exit code 130.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from attnedit.surfaces import video_edit_cli
-from attnedit.surfaces.loading import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
+from attnedit.surfaces.cli_base import Parser, flag, quiet_libraries, save_outputs
+from attnedit.surfaces.params import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
 
 EXAMPLES = """examples:
   attnedit generate "a red circle left of a blue square" --out out.png
@@ -27,6 +33,9 @@ EXAMPLES = """examples:
 
 def _sites(args: argparse.Namespace) -> int:
     """List sites; a published architecture or hub model is built on the meta device from its config (no weights)."""
+    from attnedit.surfaces.params import check_device
+
+    check_device("--device", args.device)
     from attnedit.core.install import install
     from attnedit.shapes.builtin import BUILTIN_MODELS
     from attnedit.surfaces.loading import TINY_PREFIX, load_pipeline
@@ -62,14 +71,23 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     ``ulysses=N``: one output computed by the N processes of a ``torchrun`` launch (context parallelism); the
     first process saves it.
     """
-    from pathlib import Path
+    from attnedit.surfaces import params as rules
+
+    params = rules.check_params(task_name, {k: v for k, v in params.items() if v is not None}, flag)
+    model = args.model or default_model or DEFAULT_MODEL
+    out = rules.check_output("--out", args.out, (".mp4",) if task_name == "video" else (".png",))
+    if task_name == "video":
+        rules.FIELDS["video"]["fps"]("--fps", args.fps)
+        if args.save_frames and out.with_suffix("").is_file():
+            raise ValueError(f"--save-frames: {str(out.with_suffix(''))!r} (the frames folder) is a file")
+        if ulysses is not None:
+            rules.integer(1, 1024)("--ulysses", ulysses)
+    rules.check_model_kind(model, task_name, rules.model_kind(model))
+    rules.check_device("--device", args.device)
 
     from attnedit.surfaces.batch import TASKS
     from attnedit.surfaces.loading import load_pipeline, tiny_defaults
-    from attnedit.surfaces.outputs import save_png
 
-    params = {k: v for k, v in params.items() if v is not None}
-    model = args.model or default_model or DEFAULT_MODEL
     params = {**tiny_defaults(model, task_name), **params}
     device, rank = args.device, 0
     if ulysses:
@@ -80,6 +98,7 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
         device, rank = init_distributed(device), dist.get_rank()
     pipe = load_pipeline(model, device, args.dtype, **_loading(args))
     _show_progress(pipe)
+    rules.check_model_kind(model, task_name, rules.pipeline_kind(pipe))
     if ulysses:
         from attnedit.core.parallel import enable_ulysses
 
@@ -88,25 +107,9 @@ def _run_task(args: argparse.Namespace, task_name: str, params: dict, default_mo
     images = TASKS[task_name](pipe, params)
     if rank != 0:
         return 0
-    out = Path(args.out)
-    record = {**params, "task": task_name, "model": model or "default"}
-    if task_name == "video":
-        from attnedit.surfaces.outputs import save_mp4
-
-        save_mp4(out, images, args.fps)
-        if args.save_frames:
-            frames = out.with_suffix("")
-            for index, image in enumerate(images):
-                save_png(frames / f"{index:04d}.png", image, record)
-        print(out)
-        return 0
-    if len(images) == 1:
-        save_png(out, images[0], record)
-        print(out)
-        return 0
-    out.mkdir(parents=True, exist_ok=True)  # several images: a folder of numbered PNGs
-    for index, image in enumerate(images):
-        save_png(out / f"{index:04d}.png", image, record)
+    video = task_name == "video"
+    save_outputs(out, images, {**params, "task": task_name, "model": model or "default"}, video,
+                 video and args.save_frames, getattr(args, "fps", 16))
     print(out)
     return 0
 
@@ -129,6 +132,9 @@ def _edit(args: argparse.Namespace) -> int:
             raise ValueError(f"--box={args.box!r} must be x0,y0,x1,y1 integer pixels") from None
         if len(mask) != 4:
             raise ValueError(f"--box={args.box!r} must be x0,y0,x1,y1 integer pixels")
+        from attnedit.surfaces.params import mask as box_rule
+
+        box_rule("--box", mask)
     layers = [dict(zip(("image", "mask", "dx", "dy"), _layer(spec))) for spec in args.layer or []]
     return _run_task(args, "edit", {
         "operation": args.operation, "image": args.image, "mask": mask, "dx": args.dx, "dy": args.dy,
@@ -139,8 +145,8 @@ def _edit(args: argparse.Namespace) -> int:
 
 def _layer(spec: str) -> tuple:
     parts = spec.split(":")
-    if len(parts) != 4:
-        raise ValueError(f"--layer={spec!r} must be IMAGE:MASK:DX:DY")
+    if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts[2:]):
+        raise ValueError(f"--layer={spec!r} must be IMAGE:MASK:DX:DY (DX, DY integer pixels)")
     return parts[0], parts[1], int(parts[2]), int(parts[3])
 
 
@@ -163,11 +169,18 @@ def _batch(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from attnedit.surfaces import params as rules
+
+    rules.check_output("--out", args.out)
+    rules.check_device("--device", args.device)
     from attnedit.surfaces.batch import Summary, load_jobs, run_batch
     from attnedit.surfaces.loading import load_pipeline
     from attnedit.surfaces.outputs import atomic_write_json
 
     jobs = load_jobs(args.jobs)
+    for job in jobs if args.model else ():
+        if job.model is None:
+            rules.check_model_kind(args.model, job.task, rules.model_kind(args.model))
     index, count, device, barrier = _process_group(args.device)
 
     def load(model, **options):
@@ -205,6 +218,11 @@ def _process_group(device: str | None):
 
 
 def _app(args: argparse.Namespace) -> int:
+    from attnedit.surfaces import params as rules
+
+    rules.integer(1, 65535)("--port", args.port)
+    if args.model:
+        rules.check_model_kind(args.model, "generate", rules.model_kind(args.model))
     from attnedit.surfaces.webapp import main as app_main
 
     return app_main((["--model", args.model] if args.model else []) + ["--port", str(args.port)])
@@ -247,15 +265,18 @@ def _model_options(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL
                                         f"(default: {default}, trained and built in)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: fastest available)")
     _weights_options(parser)
-    parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: by device)")
+    parser.add_argument("--dtype", choices=_DTYPES, metavar="DTYPE", help="float32, float16, bfloat16 (default: by device)")
+
+
+_DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # loading.pick_dtype's names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="attnedit", description="Edit what diffusion models attend to.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     gen = sub.add_parser("generate", help="text to image, optionally refocused to a layout and head-guided",
                          epilog='example: attnedit generate "a red cat" --layout layout.json --heads L1H0 --out cat.png')
     gen.add_argument("prompt", nargs="?", help="the prompt (default: the layout's)")
@@ -337,11 +358,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["heads"]:  # the search has its own options; hand them over untouched (incl. --help)
         argv = ["heads", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         return args.run(args)
     except (ValueError, OSError) as error:
-        print(f"attnedit: error: {error}", file=sys.stderr)
+        print(f"attnedit: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished outputs are complete files; nothing half-written is left under a final name
+        print("\nattnedit: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+            print("attnedit: error: out of memory; try a smaller --width/--height/--frames or another --device",
+                  file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
