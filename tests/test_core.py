@@ -296,7 +296,7 @@ def test_mask_hiding_every_key_is_a_clear_error(tiny_pipe):
     [
         (lambda: HeadBlend(strength=1.5), "strength=1.5"),
         (lambda: HeadBlend(heads={}), "selects no head"),
-        (lambda: KeyMask(mask=torch.ones(3)), "mask must be"),
+        (lambda: KeyMask(mask=torch.ones(3)), r"mask= must be \(H, W\) or \(F, H, W\)"),
         (lambda: KeyMask(mask=torch.ones(4, 4), mode="medium"), "mode="),
         (lambda: AttentionRecorder(branches={"negative"}), "branches="),
         (lambda: AttentionRecorder(steps=(3, 1)), "steps="),

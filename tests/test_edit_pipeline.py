@@ -237,7 +237,7 @@ def test_misuse_is_a_clear_error(tiny_pipe):
         (sd, {"layout": LAYOUT, "prompt": "a dog"}, "differs from layout.prompt"),
         (sd, {"layout": LAYOUT, "refocus_options": {"handle": None}}, "must not set"),
         (sd, {"radial": True}, "needs a video diffusion transformer"),
-        (sd, {"key_mask": "mask.png"}, "takes a KeyMask"),
+        (sd, {"key_mask": "mask.png"}, r"key_mask= must be a tensor, numpy array, PIL image or nested list of numbers; got str"),
         (sd, {"key_mask": np.full((8, 8), 3.0)}, r"values must be in \[0, 1\]"),
         (sd, {"key_mask": torch.ones(8)}, "must be"),
         (sd, {"edits": ("not an edit",)}, "takes attnedit Edit objects"),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from attnedit.core.checks import as_mask, check_real, check_size, is_int
 from attnedit.core.perturbation import SCOPES, head_table, image_image_attention
 
 if TYPE_CHECKING:
@@ -44,7 +45,10 @@ def _as_frozenset(name: str, values: Any, allowed: tuple[str, ...] | None = None
         return None
     if isinstance(values, (str, int)):
         values = (values,)
-    values = frozenset(values)
+    try:
+        values = frozenset(values)
+    except TypeError:  # a float, or nested lists
+        raise ValueError(f"{name}={values!r} must be a name/index or a collection of them; use None for all") from None
     if not values:
         raise ValueError(f"{name}=() selects nothing; use None for all")
     if allowed is not None and not values <= set(allowed):
@@ -65,7 +69,7 @@ class Edit:
         object.__setattr__(self, "kinds", _as_frozenset("kinds", self.kinds, KINDS))
         object.__setattr__(self, "branches", _as_frozenset("branches", self.branches, BRANCHES))
         layers = _as_frozenset("layers", self.layers)
-        if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
+        if layers is not None and not all(is_int(i) and i >= 0 for i in layers):
             raise ValueError(f"layers={sorted(layers)} must be non-negative integers")
         object.__setattr__(self, "layers", layers)
         if self.steps is not None:
@@ -156,6 +160,11 @@ class BlockMask:
     num_keys: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.blocks, torch.Tensor) or self.blocks.dtype != torch.bool:
+            raise ValueError(f"blocks= must be a bool tensor (n_q_blocks, n_k_blocks), got {type(self.blocks).__name__}")
+        for name in ("block_size", "num_queries", "num_keys"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         nq, nk = math.ceil(self.num_queries / self.block_size), math.ceil(self.num_keys / self.block_size)
         if tuple(self.blocks.shape) != (nq, nk):
             raise ValueError(
@@ -189,7 +198,8 @@ def mask_coverage(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
 
     Every cell that holds any masked pixel gets a coverage above 0, so a thin mask never drops out of a coarse grid.
     """
-    h, w = grid[-2:]
+    h, w = check_size("grid", tuple(grid[-2:]))
+    mask = as_mask(mask, "mask", (2,))
     if tuple(mask.shape) == (h, w):
         return mask.float()
     if abs(mask.shape[0] / mask.shape[1] - h / w) > 0.5 * (1 / h + 1 / w) * max(1.0, h / w):
@@ -201,6 +211,7 @@ def mask_coverage(mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
 
 def resize_mask(mask: torch.Tensor, grid: tuple[int, ...], threshold: float = 0.5) -> torch.Tensor:
     """Bool ``(h, w)``: cells of ``grid`` whose coverage by the ``(H, W)`` mask is above ``threshold``."""
+    check_real("threshold", threshold, 0.0, 1.0)
     return mask_coverage(mask, grid) > threshold
 
 
@@ -208,7 +219,8 @@ def resize_mask(mask: torch.Tensor, grid: tuple[int, ...], threshold: float = 0.
 class KeyMask(Edit):
     """Hide keys inside a spatial mask from every query (image/video keys only; text keys stay visible).
 
-    ``mask`` is (H, W) for images or (F, H, W) for video, True/1 = hidden; it is area-resampled to each call's
+    ``mask`` is (H, W) for images or (F, H, W) for video, True/1 = hidden (a tensor; numpy arrays, PIL images and
+    nested lists are converted, 8-bit values divided by 255); it is area-resampled to each call's
     token grid, giving each key the share of its cell inside the mask. ``mode="hard"`` excludes keys whose share is
     above ``threshold`` (-inf logit); ``mode="soft"`` scales every key by (1 - share), the DesignEdit paper's
     (1 - M) * K with fractional weights at the mask's edges, so a fully masked key keeps a logit of 0.
@@ -223,10 +235,8 @@ class KeyMask(Edit):
         super().__post_init__()
         if self.mode not in ("hard", "soft"):
             raise ValueError(f"mode={self.mode!r} must be 'hard' or 'soft'")
-        if self.mask.ndim not in (2, 3):
-            raise ValueError(f"mask must be (H, W) or (F, H, W), got shape {tuple(self.mask.shape)}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold={self.threshold} must be in [0, 1)")
+        object.__setattr__(self, "mask", as_mask(self.mask, "mask"))
+        check_real("threshold", self.threshold, 0.0, 1.0, high_open=True)
 
     def coverage(self, call: AttentionCall) -> torch.Tensor:
         """Float (S_k,): the share of each key's cell inside the mask (0 for text keys)."""
@@ -355,6 +365,11 @@ class AttentionRecorder(Edit):
     mean_heads: bool = True
     queries: str = "all"
     maps: list[RecordedMap] = field(default_factory=list, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.queries not in ("all", "image"):
+            raise ValueError(f"queries={self.queries!r} must be 'all' or 'image'")
 
     def record(self, call: AttentionCall, probs: torch.Tensor) -> None:
         image_queries = call.image_queries

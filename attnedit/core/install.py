@@ -125,9 +125,9 @@ class Installation:
 
     @edits.setter
     def edits(self, edits: Sequence[Edit]) -> None:
-        for edit in edits:
+        for k, edit in enumerate(edits):
             if not isinstance(edit, Edit):
-                raise TypeError(f"{edit!r} is not an attnedit Edit")
+                raise ValueError(f"edits[{k}]={edit!r} is not an attnedit Edit")  # noqa: TRY004 (one error type for bad input)
             edit.validate(self.sites, self.family.name)
         previous, self._edits = self._edits, tuple(edits)
         if self._owner is not None:

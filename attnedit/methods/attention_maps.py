@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnedit.core.checks import check_size
 from attnedit.core.edits import RecordedMap
 
 
@@ -15,6 +16,10 @@ def token_heatmaps(maps: list[RecordedMap], size: tuple[int, int] | None = None)
     HunyuanVideo). Maps are resized to ``size`` (default: the largest grid among them); video maps are averaged
     over frames.
     """
+    bad = [(k, m) for k, m in enumerate(maps) if not isinstance(m, RecordedMap)]
+    if bad:
+        raise ValueError(f"maps[{bad[0][0]}]={bad[0][1]!r} is not a RecordedMap (AttentionRecorder.maps)")
+    size = None if size is None else check_size("size", size)
     usable = [m for m in maps if m.text_keys is not None]
     if not usable:
         raise ValueError("no recorded map has text keys: record cross or joint attention")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnedit.core.checks import as_mask, check_real, check_size
 from attnedit.core.edits import KeyMask, mask_coverage
 
 if TYPE_CHECKING:
@@ -48,10 +49,10 @@ MaskLike = Union[str, os.PathLike, "np.ndarray", torch.Tensor, Any, tuple, list]
 
 def box_mask(box: tuple[int, int, int, int] | list[int], size: tuple[int, int]) -> torch.Tensor:
     """Bool ``(H, W)`` mask of the pixel box ``(x0, y0, x1, y1)`` (x1, y1 exclusive) on an image of ``size=(H, W)``."""
-    if len(box) != 4 or not all(isinstance(v, (int, np.integer)) for v in box):
+    if not isinstance(box, (tuple, list)) or len(box) != 4 or not all(isinstance(v, (int, np.integer)) for v in box):
         raise ValueError(f"box={box!r} must be four integers (x0, y0, x1, y1) in pixels")
     x0, y0, x1, y1 = (int(v) for v in box)
-    h, w = size
+    h, w = check_size("size", size)
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise ValueError(f"box={box!r} must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} (image {w}x{h})")
     mask = torch.zeros(h, w, dtype=torch.bool)
@@ -67,7 +68,7 @@ def _to_array(mask: Any) -> np.ndarray:
         try:
             with Image.open(mask) as image:
                 mask = image.convert("L").copy()
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
             raise ValueError(f"mask={str(mask)!r} cannot be read as an image: {error}") from None
     if isinstance(mask, Image.Image):
         return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
@@ -75,6 +76,8 @@ def _to_array(mask: Any) -> np.ndarray:
         mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray):
         raise ValueError(f"mask of type {type(mask).__name__} is not a path, PIL image, array, tensor or box")  # noqa: TRY004
+    if mask.dtype.kind not in "biuf":
+        raise ValueError(f"mask= is an array of {mask.dtype}; give bool, integer or float values")
     array = mask.astype(np.float32)
     if mask.dtype == np.uint8 or (mask.dtype.kind in "iu" and array.max(initial=0) > 1):
         array = array / 255.0
@@ -84,6 +87,7 @@ def _to_array(mask: Any) -> np.ndarray:
         array = array.mean(axis=-1)
     if array.ndim != 2:
         raise ValueError(f"mask array has shape {mask.shape}; expected (H, W), (1, H, W) or (H, W, C)")
+    as_mask(array, "mask", (2,))  # non-empty, finite, in [0, 1]
     return array
 
 
@@ -93,8 +97,8 @@ def load_mask(mask: MaskLike, size: tuple[int, int], threshold: float = 0.5) -> 
     ``mask`` is a path, PIL image, numpy array, tensor or box ``(x0, y0, x1, y1)``; values are scaled to [0, 1]
     (8-bit: / 255) and a pixel is masked when its value is > ``threshold``. The mask must have the image's size.
     """
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold={threshold} must be in [0, 1)")
+    check_real("threshold", threshold, 0.0, 1.0, high_open=True)
+    size = check_size("size", size)
     if isinstance(mask, (tuple, list)):
         return box_mask(mask, size)
     array = _to_array(mask)
@@ -120,8 +124,10 @@ def dilate_kernel(mask: torch.Tensor, size: int) -> torch.Tensor:
     """
     if not isinstance(size, (int, np.integer)) or size < 0:
         raise ValueError(f"dilation={size!r} must be a non-negative integer number of pixels")
+    mask = as_mask(mask, "mask", (2,))
     if size <= 1:
         return mask.clone()
+    size = min(int(size), 2 * max(mask.shape) + 1)  # a larger kernel covers the whole mask all the same
     before = int(size) // 2
     padded = F.pad(mask[None, None].float(), (before, size - 1 - before, before, size - 1 - before))
     return F.max_pool2d(padded, kernel_size=int(size), stride=1)[0, 0] > 0
@@ -129,6 +135,8 @@ def dilate_kernel(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """Raise ValueError for an empty or full bool mask (nothing to edit / nothing to fill from)."""
+    if not isinstance(mask, torch.Tensor) or mask.numel() == 0:
+        raise ValueError(f"{name}= must be a bool (H, W) tensor, got {type(mask).__name__}")
     covered = float(mask.float().mean())
     if covered == 0.0:
         raise ValueError(f"{name} is empty (no pixel above the threshold): nothing to edit")
@@ -162,7 +170,7 @@ class DesignKeyMask(KeyMask):
     @classmethod
     def from_mask(cls, mask: torch.Tensor, dilation: int = 20, **kwargs: Any) -> DesignKeyMask:
         """Edit from a bool pixel mask ``(H, W)``, grown by a ``dilation`` px square kernel (``attend_scale``)."""
-        return cls(mask=dilate_kernel(mask.bool(), dilation), **kwargs)
+        return cls(mask=dilate_kernel(as_mask(mask, "mask", (2,)).bool(), dilation), **kwargs)
 
     def _share(self, call: AttentionCall) -> torch.Tensor | None:
         """Float (S_k,) share of each key inside the mask, or None where the call needs no edit (cached per grid)."""

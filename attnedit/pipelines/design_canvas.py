@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attnedit.core.checks import check_int, check_real, check_size, is_int
 from attnedit.methods.key_masking import check_mask
 
 
@@ -31,6 +33,8 @@ class Canvas:
 
     @classmethod
     def fit(cls, size: tuple[int, int], long_side: int, multiple: int) -> Canvas:
+        size = check_size("size", size)
+        long_side, multiple = check_int("long_side", long_side, 1), check_int("multiple", multiple, 1)
         scale = long_side / max(size)
         inner = tuple(max(1, round(s * scale)) for s in size)
         return cls(tuple(size), inner, tuple(math.ceil(s / multiple) * multiple for s in inner))
@@ -75,12 +79,14 @@ def load_image(image: Any) -> torch.Tensor:
         try:
             with Image.open(image) as opened:
                 image = opened.convert("RGB").copy()
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:  # missing, not an image, truncated, a bomb
             raise ValueError(f"image={str(image)!r} cannot be read: {error}") from None
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be a path, PIL image or uint8 (H, W, 3) array, got {type(image).__name__}")
+    if 0 in image.shape:
+        raise ValueError(f"image of size {image.shape[1]}x{image.shape[0]} (WxH) is empty")
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -95,6 +101,8 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 def bbox(mask: torch.Tensor) -> tuple[int, int, int, int]:
     """(y0, x0, y1, x1), end exclusive, of a non-empty bool (H, W) mask."""
     ys, xs = torch.nonzero(mask, as_tuple=True)
+    if not len(ys):
+        raise ValueError("mask is empty: it has no bounding box")
     return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
 
 
@@ -103,6 +111,9 @@ def paste_object(image: torch.Tensor, mask: torch.Tensor, scale: float = 1.0, fl
 
     Returns the composite image (3, H, W) and the object's new bool mask (H, W); ValueError when it leaves the canvas.
     """
+    check_real("scale", scale, 0.0, low_open=True)
+    if flip not in (None, "h", "v"):
+        raise ValueError(f"flip={flip!r} must be None, 'h' or 'v'")
     y0, x0, y1, x1 = bbox(mask)
     crop, cmask = image[:, y0:y1, x0:x1], mask[y0:y1, x0:x1].float()
     if flip is not None:
@@ -134,6 +145,7 @@ class ObjectLayer:
 
 def fit_to(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit (3, h, w) ``image`` and its bool mask into ``size=(H, W)``: scale to fit, centre, replicate edges."""
+    size = check_size("size", size)
     if tuple(image.shape[-2:]) == tuple(size):
         return image, mask
     h, w = image.shape[-2:]
@@ -144,3 +156,36 @@ def fit_to(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tu
     image = F.pad(F.interpolate(image[None], size=inner, mode="bilinear", antialias=True), pad, mode="replicate")[0]
     mask = F.pad(F.interpolate(mask[None, None].float(), size=inner, mode="nearest"), pad)[0, 0] > 0.5
     return image, check_mask(mask, "layer mask after fitting")
+
+
+def check_pixels(**values: Any) -> None:
+    """ValueError unless every value (a dilation, a move) is an integer number of pixels; dilations are >= 0."""
+    for name, value in values.items():
+        if not is_int(value) or ("dilation" in name and value < 0):
+            kind = "a non-negative integer" if "dilation" in name else "an integer"
+            raise ValueError(f"{name}={value!r} must be {kind} number of pixels")
+
+
+def check_move(mask: torch.Tensor, dx: int, dy: int) -> None:
+    """ValueError when moving the object of bool (H, W) ``mask`` by (dx, dy) px takes it outside the canvas."""
+    h, w = mask.shape
+    y0, x0, y1, x1 = bbox(mask)
+    if x0 + dx < 0 or x1 + dx > w or y0 + dy < 0 or y1 + dy > h:
+        raise ValueError(f"move dx={dx}, dy={dy} takes the object (x {x0}..{x1}, y {y0}..{y1}) outside the {w}x{h} canvas")
+
+
+def object_layers(layers: Any) -> list[ObjectLayer]:
+    """``compose``'s layers as :class:`ObjectLayer` s: each one, or a tuple ``(image, mask[, dx[, dy]])``."""
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"layers={reprlib.repr(layers)} must be a list of ObjectLayer or (image, mask, dx, dy) tuples")  # noqa: TRY004
+    if not layers:
+        raise ValueError("layers=[] gives nothing to compose; pass at least one ObjectLayer")
+    out = []
+    for k, spec in enumerate(layers):
+        if isinstance(spec, (tuple, list)) and 2 <= len(spec) <= 4:
+            spec = ObjectLayer(*spec)
+        if not isinstance(spec, ObjectLayer):
+            raise ValueError(f"layers[{k}]={reprlib.repr(spec)} must be an ObjectLayer or a tuple (image, mask[, dx[, dy]])")  # noqa: TRY004
+        check_pixels(**{f"layers[{k}].dx": spec.dx, f"layers[{k}].dy": spec.dy})
+        out.append(spec)
+    return out

@@ -47,14 +47,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attnedit.core.checks import check_int, check_real, is_int
 from attnedit.methods.key_masking import MaskLike, check_mask, dilate_kernel, dilate_mask, load_mask
 from attnedit.pipelines.design_canvas import (
     Canvas,
     Layer,
     ObjectLayer,
     bbox,
+    check_move,
+    check_pixels,
     fit_to,
     load_image,
+    object_layers,
     paste_object,
     shift,
     to_pil,
@@ -110,20 +114,23 @@ class DesignEditConfig:
             raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 2")
         if not isinstance(self.inversion_iterations, int) or self.inversion_iterations < 0:
             raise ValueError(f"inversion_iterations={self.inversion_iterations!r} must be a non-negative integer")
-        if self.guidance_scale is not None and self.guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 1")
+        if self.guidance_scale is not None:
+            check_real("guidance_scale", self.guidance_scale, 1.0)
         if self.mode not in ("hard", "soft"):
             raise ValueError(f"mode={self.mode!r} must be 'hard' or 'soft'")
         if self.dilation_units not in DILATION_UNITS:
             raise ValueError(f"dilation_units={self.dilation_units!r} must be one of {DILATION_UNITS}")
         for name in ("mask_from", "mask_until", "refine_until", "blend_until", "fuse_at", "proximal_strength",
-                     "proximal_quantile"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if self.hole_noise is not None and not 0.0 <= self.hole_noise <= 1.0:
-            raise ValueError(f"hole_noise={self.hole_noise} must be in [0, 1]")
-        if self.resolution is not None and self.resolution < 8:
-            raise ValueError(f"resolution={self.resolution} must be None or >= 8 pixels")
+                     "proximal_quantile") + (("hole_noise",) if self.hole_noise is not None else ()):
+            check_real(name, getattr(self, name), 0.0, 1.0)
+        check_real("threshold", self.threshold, 0.0, 1.0, high_open=True)
+        check_real("proximal_below", self.proximal_below, 0.0)
+        check_real("embedded_guidance", self.embedded_guidance, 0.0)
+        check_int("seed", self.seed)
+        if self.resolution is not None and (not is_int(self.resolution) or self.resolution < 8):
+            raise ValueError(f"resolution={self.resolution!r} must be None or an integer >= 8 pixels")
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt={self.prompt!r} must be a string (\"\" for the paper's empty prompt)")  # noqa: TRY004
 
     def step(self, fraction: float) -> int:
         return round(fraction * self.num_steps)
@@ -161,6 +168,8 @@ class DesignEditor:
     """
 
     def __init__(self, pipe: Any, config: DesignEditConfig | None = None) -> None:
+        if config is not None and not isinstance(config, DesignEditConfig):
+            raise ValueError(f"config={config!r} must be a DesignEditConfig")
         base = config or DesignEditConfig()
         self.model: EditModel = edit_model(pipe, base.num_steps, base.prompt, base.embedded_guidance)
         embeds = bool(getattr(self.model.denoiser.config, "guidance_embeds", False))
@@ -218,12 +227,7 @@ class DesignEditor:
 
     def _layer(self, latents: list[torch.Tensor], canvas: Canvas, mask: torch.Tensor, px: int, dx: int = 0, dy: int = 0) -> Layer:
         """Object layer from its trajectory and pixel mask, dilated by ``px``, moved by (dx, dy) source pixels."""
-        h, w = mask.shape
-        y0, x0, y1, x1 = bbox(mask)
-        if x0 + dx < 0 or x1 + dx > w or y0 + dy < 0 or y1 + dy > h:
-            raise ValueError(
-                f"move dx={dx}, dy={dy} takes the object (x {x0}..{x1}, y {y0}..{y1}) outside the {w}x{h} canvas"
-            )
+        check_move(mask, dx, dy)
         scale = canvas.inner[0] / canvas.size[0] / self.pipe.vae_scale_factor
         object_mask = (self._latent_mask(canvas, self.dilate(mask, px)) > 0.5).to(latents[0].dtype)[None, None]
         return Layer(latents, object_mask, (round(dy * scale), round(dx * scale)))
@@ -255,6 +259,7 @@ class DesignEditor:
         ``refine`` marks regions the hole must not copy from (e.g. a duplicate of the object): their keys are
         hidden too, for the first ``refine_until`` of the steps, but their pixels are kept.
         """
+        check_pixels(dilation=dilation)
         x = load_image(image)
         size = tuple(x.shape[-2:])
         refine = None if refine is None else self._mask(refine, size, "refine")
@@ -262,16 +267,17 @@ class DesignEditor:
 
     def move(self, image: Any, mask: MaskLike, dx: int, dy: int, dilation: int = 20, object_dilation: int = 10) -> Image.Image:
         """Move the masked object by (dx, dy) px (+x right, +y down); it must stay inside the canvas."""
+        check_pixels(dx=dx, dy=dy, dilation=dilation, object_dilation=object_dilation)
         x = load_image(image)
         canvas, hole = self._canvas(x), self._mask(mask, tuple(x.shape[-2:]))
+        check_move(hole, dx, dy)
         latents = self._trajectory(x, canvas)
         layer = self._layer(latents, canvas, hole, object_dilation, int(dx), int(dy))
         return self._edit(x, hole, dilation, [layer], latents)
 
     def resize(self, image: Any, mask: MaskLike, scale: float, dilation: int = 20, object_dilation: int = 10) -> Image.Image:
         """Rescale the masked object by ``scale`` (> 0) about its box centre (resampled in pixel space)."""
-        if not scale > 0:
-            raise ValueError(f"scale={scale} must be > 0")
+        check_real("scale", scale, 0.0, low_open=True)
         return self._transformed(image, mask, dilation, object_dilation, scale=float(scale))
 
     def flip(self, image: Any, mask: MaskLike, direction: str = "h", dilation: int = 20, object_dilation: int = 10) -> Image.Image:
@@ -281,6 +287,7 @@ class DesignEditor:
         return self._transformed(image, mask, dilation, object_dilation, flip=direction)
 
     def _transformed(self, image: Any, mask: MaskLike, dilation: int, object_dilation: int, **transform: Any) -> Image.Image:
+        check_pixels(dilation=dilation, object_dilation=object_dilation)
         x = load_image(image)
         hole = self._mask(mask, tuple(x.shape[-2:]))
         composite, moved = paste_object(x, hole, **transform)
@@ -290,8 +297,8 @@ class DesignEditor:
 
     def zoom_out(self, image: Any, scale: float = 0.5, dilation: int = 30) -> Image.Image:
         """Shrink the image by ``scale`` in (0, 1), paste it at the centre, and outpaint the border."""
-        if not 0 < scale < 1:
-            raise ValueError(f"scale={scale} must be in (0, 1) for zoom_out")
+        check_real("scale", scale, 0.0, 1.0, low_open=True, high_open=True)
+        check_pixels(dilation=dilation)
         x = load_image(image)
         h, w = x.shape[-2:]
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -305,6 +312,7 @@ class DesignEditor:
         """Pan the camera ``direction`` ("left"/"right"/"up"/"down") by ``amount`` px; the revealed strip is filled."""
         if direction not in PAN_DIRECTIONS:
             raise ValueError(f"direction={direction!r} must be one of {PAN_DIRECTIONS}")
+        check_pixels(dilation=dilation)
         x = load_image(image)
         h, w = x.shape[-2:]
         extent = w if direction in ("left", "right") else h
@@ -325,19 +333,19 @@ class DesignEditor:
         """Paste objects from other images onto ``background`` (each an :class:`ObjectLayer` or a tuple of its
         fields), after optionally removing ``remove`` from it. Layer images of another size are fitted in
         (aspect kept, centred, edges replicated); masks are given at each layer image's own size."""
+        check_pixels(dilation=dilation, object_dilation=object_dilation)
+        specs = object_layers(layers)
         x = load_image(background)
         size = tuple(x.shape[-2:])
         hole = None if remove is None else self._mask(remove, size, "remove")
-        canvas = self._canvas(x)
-        if not layers:
-            raise ValueError("layers=[] gives nothing to compose; pass at least one ObjectLayer")
-        objects = []
-        for k, spec in enumerate(layers):
-            spec = spec if isinstance(spec, ObjectLayer) else ObjectLayer(*spec)
+        canvas, fitted = self._canvas(x), []
+        for k, spec in enumerate(specs):  # every layer is checked before any model runs
             image = load_image(spec.image)
-            mask = self._mask(spec.mask, tuple(image.shape[-2:]), f"layers[{k}].mask")
-            image, mask = fit_to(image, mask, size)
-            objects.append(self._layer(self._trajectory(image, canvas), canvas, mask, object_dilation, spec.dx, spec.dy))
+            image, mask = fit_to(image, self._mask(spec.mask, tuple(image.shape[-2:]), f"layers[{k}].mask"), size)
+            check_move(mask, spec.dx, spec.dy)
+            fitted.append((image, mask, spec))
+        objects = [self._layer(self._trajectory(image, canvas), canvas, mask, object_dilation, spec.dx, spec.dy)
+                   for image, mask, spec in fitted]
         return self._edit(x, hole, dilation, objects)
 
 

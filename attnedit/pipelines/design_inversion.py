@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from attnedit.core.checks import check_int
 from attnedit.core.families import detect_family
 
 FAMILIES = ("unet", "sd3", "flux")
@@ -252,6 +253,9 @@ class FlowModel(EditModel):
 
 def edit_model(pipe: Any, num_steps: int, prompt: str = "", embedded_guidance: float = 1.0) -> EditModel:
     """The :class:`EditModel` for a loaded pipeline; ValueError for a family DesignEdit does not support."""
+    check_int("num_steps", num_steps, 1)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt={prompt!r} must be a string")  # noqa: TRY004
     denoiser = getattr(pipe, "unet", None)
     denoiser = getattr(pipe, "transformer", None) if denoiser is None else denoiser
     if denoiser is None or getattr(pipe, "vae", None) is None:

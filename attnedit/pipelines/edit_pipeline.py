@@ -36,11 +36,11 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
-import numpy as np
-import torch
 from diffusers import DiffusionPipeline
 
-from attnedit.core.edits import Edit, KeyMask
+from attnedit.core.attention import BACKENDS
+from attnedit.core.checks import as_mask
+from attnedit.core.edits import Edit, KeyMask, mask_coverage
 from attnedit.core.families import detect_family
 from attnedit.core.install import install
 from attnedit.methods.head_guidance import perturbed_guidance
@@ -48,6 +48,7 @@ from attnedit.methods.radial import FAMILIES as RADIAL_FAMILIES
 from attnedit.methods.radial import RadialAttention
 from attnedit.methods.refocusing import Layout, RefocusConfig
 from attnedit.models.zoo import denoiser
+from attnedit.pipelines.radial import check_overrides
 from attnedit.pipelines.refocusing import SUPPORTED as REFOCUS_FAMILIES
 from attnedit.pipelines.refocusing import refocus
 
@@ -107,11 +108,14 @@ class AttnEditPipeline:
         """Split the options off, validate them, install the edits and run the stock call (or ``refocus``)."""
         options = {name: kwargs.pop(name, default) for name, default in OPTIONS.items()}
         stock_call = self._attnedit_stock.__call__
+        if options["edit_backend"] not in BACKENDS:
+            raise ValueError(f"edit_backend={options['edit_backend']!r}; valid: {list(BACKENDS)}")
         if all(_unset(name, value) for name, value in options.items() if name != "edit_backend"):
             return stock_call(self, *args, **kwargs)
         family = _family(self)
         _check_options(self, options, family)
         edits = _collect_edits(options, family)
+        _check_key_mask(self, edits[0] if options["key_mask"] is not None else None, family, kwargs)
         layout, heads, backend = options["layout"], options["pag_heads"], options["edit_backend"]
         with ExitStack() as stack:
             handle = None
@@ -190,24 +194,29 @@ def _unset(name: str, value: Any) -> bool:
 
 
 def _as_key_mask(value: Any) -> KeyMask:
-    """A :class:`KeyMask` as given, or one hiding the keys of a mask (values in [0, 1], 8-bit ones / 255)."""
-    if isinstance(value, KeyMask):
-        return value
-    if not isinstance(value, (torch.Tensor, np.ndarray)):
-        from PIL import Image
+    """A :class:`KeyMask` as given, or one hiding the keys of a mask (tensor, array, PIL image or nested list with
+    values in [0, 1], 8-bit ones / 255)."""
+    return value if isinstance(value, KeyMask) else KeyMask(mask=as_mask(value, "key_mask").cpu().float())
 
-        if not isinstance(value, Image.Image):
-            raise ValueError(f"key_mask= takes a KeyMask or a mask tensor / array / PIL image; got {type(value).__name__}")  # noqa: TRY004
-        value = np.asarray(value.convert("L"))
-    mask = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value).detach().cpu()
-    if mask.dtype == torch.uint8:
-        mask = mask.float() / 255
-    mask = mask.float()
-    if mask.ndim not in (2, 3) or mask.numel() == 0:
-        raise ValueError(f"key_mask= must be (H, W) or video (F, H, W); got shape {tuple(mask.shape)}")
-    if not bool(((mask >= 0) & (mask <= 1)).all()):
-        raise ValueError("key_mask= values must be in [0, 1] (1 = hidden) or 8-bit (0..255)")
-    return KeyMask(mask=mask)
+
+def _check_key_mask(pipe: Any, edit: KeyMask | None, family: str, kwargs: dict[str, Any]) -> None:
+    """Refuse, before any model runs, a key mask the image's token grid cannot take: a video mask on an image
+    model, or an image mask whose aspect ratio is not the image's (checked on the coarsest patch grid)."""
+    if edit is None or family in RADIAL_FAMILIES:
+        return
+    if edit.mask.ndim == 3:
+        raise ValueError(f"key_mask= of shape {tuple(edit.mask.shape)} is a video mask (F, H, W); {family} makes "
+                         "images: give an (H, W) mask")
+    side = getattr(pipe, "default_sample_size", None) or getattr(denoiser(pipe).config, "sample_size", None)
+    side = side * pipe.vae_scale_factor if isinstance(side, int) else None
+    height, width = kwargs.get("height") or side, kwargs.get("width") or side
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+        cell = 2 * pipe.vae_scale_factor  # the largest patch of the supported families (FLUX packs 2x2 latents)
+        try:
+            mask_coverage(edit.mask, (max(1, height // cell), max(1, width // cell)))
+        except ValueError:
+            raise ValueError(f"key_mask of size {tuple(edit.mask.shape)} does not have the aspect ratio of the "
+                             f"{width}x{height} (WxH) image") from None
 
 
 def _as_radial(value: Any, family: str) -> RadialAttention:
@@ -221,6 +230,7 @@ def _as_radial(value: Any, family: str) -> RadialAttention:
     if isinstance(value, str):
         return RadialAttention.preset(value)
     if isinstance(value, dict):
+        check_overrides(value)
         return RadialAttention.preset(family, **value)
     raise ValueError(f"radial={value!r} must be True, a preset name, a dict of RadialAttention fields or a RadialAttention")
 
@@ -233,6 +243,8 @@ def _collect_edits(options: dict[str, Any], family: str) -> list[Edit]:
     if not _unset("radial", options["radial"]):
         edits.append(_as_radial(options["radial"], family))
     extra = options["edits"]
+    if extra is not None and not isinstance(extra, (Edit, list, tuple)):
+        raise ValueError(f"edits={extra!r} must be an attnedit Edit or a list of them")
     extra = (extra,) if isinstance(extra, Edit) else tuple(extra or ())
     bad = [e for e in extra if not isinstance(e, Edit)]
     if bad:
@@ -242,6 +254,9 @@ def _collect_edits(options: dict[str, Any], family: str) -> list[Edit]:
 
 def _check_options(pipe: Any, options: dict[str, Any], family: str) -> None:
     """Clear errors for options that do not apply, before anything is installed."""
+    for name in ("pag_options", "refocus_options"):
+        if options[name] is not None and not isinstance(options[name], dict):
+            raise ValueError(f"{name}={options[name]!r} must be a dict of keyword arguments")
     if options["pag_heads"] is None:
         given = [n for n in ("pag_scale", "pag_strength", "pag_options") if options[n] is not None]
         if given:

@@ -13,6 +13,7 @@ One video on N GPUs (Ulysses context parallelism, :mod:`attnedit.core.parallel`)
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -51,7 +52,7 @@ def generate_radial(
     on N processes with Ulysses context parallelism (each rank gets the whole output); it stays enabled on the
     denoiser. Returns the pipeline's own output.
     """
-    _check_arguments(pipe, radial, backend)
+    _check_arguments(pipe, radial, backend, preset)
     overrides = dict(radial or {})
     if overrides.get("dense_tail_steps") and overrides.get("num_steps") is None:
         overrides["num_steps"] = _num_steps(pipe, call_kwargs)
@@ -65,10 +66,21 @@ def generate_radial(
         return pipe(prompt=prompt, **call_kwargs)
 
 
-def _check_arguments(pipe: Any, radial: Any, backend: Any) -> None:
-    """One ValueError naming the argument, before any model runs (preset fields are RadialAttention's to check)."""
+def check_overrides(radial: Any, preset: Any = None) -> None:
+    """``radial=`` is None or a dict of :class:`RadialAttention` field names; ``preset`` None or a name (their
+    values are RadialAttention's to check)."""
+    if preset is not None and not isinstance(preset, str):
+        raise ValueError(f"preset={preset!r} must be a preset name (or None for the pipeline's)")
     if radial is not None and not isinstance(radial, dict):
         raise ValueError(f"radial={radial!r} must be a dict of RadialAttention fields (or None)")
+    unknown = sorted(map(str, set(radial or {}) - {f.name for f in dataclasses.fields(RadialAttention) if f.init}))
+    if unknown:
+        raise ValueError(f"radial= names {unknown}, which are not RadialAttention fields")
+
+
+def _check_arguments(pipe: Any, radial: Any, backend: Any, preset: Any) -> None:
+    """One ValueError naming the argument, before any model runs."""
+    check_overrides(radial, preset)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; valid: {list(BACKENDS)}")
     model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
