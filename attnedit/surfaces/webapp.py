@@ -18,6 +18,7 @@ from attnedit.core.install import install
 from attnedit.methods.attention_maps import token_heatmaps
 from attnedit.surfaces import webapp_tabs as tabs
 from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
+from attnedit.surfaces.webapp_video_edit import video_edit_tab
 
 MAX_STEPS = 100
 
@@ -242,6 +243,7 @@ def build_app(pipe, model_name: str):
             guidance_tab(pipe)
         with gr.Tab("Video"):
             video_tab(pipe)
+        video_edit_tab(pipe)  # "Remove from video": attnedit.surfaces.webapp_video_edit
     return demo
 
 
