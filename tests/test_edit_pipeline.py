@@ -245,6 +245,9 @@ def test_misuse_is_a_clear_error(tiny_pipe):
         (wan, {"layout": LAYOUT}, "supports SD 1.x, SDXL, SD3 and FLUX.1"),
         (wan, {"radial": 5}, "must be True, a preset name"),
         (wan, {"radial": "nope"}, "preset='nope'"),
+        (wan, {"radial": {"speed": 2}}, r"radial= names \['speed'\], which are not RadialAttention fields"),
+        (wan, {"key_mask": torch.zeros(7, 16, 16)}, r"key_mask of 7 frames does not match num_frames="),
+        (wan, {"key_mask": torch.zeros(16, 64)}, r"key_mask of size \(16, 64\) does not have the aspect ratio"),
     ]
     for pipe, options, match in bad:
         kw = {**zoo.call_kwargs("wan" if pipe is wan else "sd15"), **options}

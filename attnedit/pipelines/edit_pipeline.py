@@ -39,7 +39,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from attnedit.core.attention import BACKENDS
-from attnedit.core.checks import as_mask
+from attnedit.core.checks import as_mask, is_int
 from attnedit.core.edits import Edit, KeyMask, mask_coverage
 from attnedit.core.families import detect_family
 from attnedit.core.install import install
@@ -115,7 +115,7 @@ class AttnEditPipeline:
         family = _family(self)
         _check_options(self, options, family)
         edits = _collect_edits(options, family)
-        _check_key_mask(self, edits[0] if options["key_mask"] is not None else None, family, kwargs)
+        _check_key_mask(self, edits[0] if options["key_mask"] is not None else None, family, dict(zip(_names(self), args), **kwargs))
         layout, heads, backend = options["layout"], options["pag_heads"], options["edit_backend"]
         with ExitStack() as stack:
             handle = None
@@ -200,22 +200,37 @@ def _as_key_mask(value: Any) -> KeyMask:
 
 
 def _check_key_mask(pipe: Any, edit: KeyMask | None, family: str, kwargs: dict[str, Any]) -> None:
-    """Refuse, before any model runs, a key mask the image's token grid cannot take: a video mask on an image
-    model, or an image mask whose aspect ratio is not the image's (checked on the coarsest patch grid)."""
-    if edit is None or family in RADIAL_FAMILIES:
+    """Refuse, before any model runs, a key mask the call's token grid cannot take: a video mask on an image model,
+    a video mask whose frame count is not the call's latent frames, or a mask whose aspect ratio is not the
+    image's (checked on the coarsest patch grid; the call's size, else the pipeline's default)."""
+    if edit is None:
         return
-    if edit.mask.ndim == 3:
-        raise ValueError(f"key_mask= of shape {tuple(edit.mask.shape)} is a video mask (F, H, W); {family} makes "
+    mask, video = edit.mask, family in RADIAL_FAMILIES
+    if mask.ndim == 3 and not video:
+        raise ValueError(f"key_mask= of shape {tuple(mask.shape)} is a video mask (F, H, W); {family} makes "
                          "images: give an (H, W) mask")
+    defaults = inspect.signature(pipe._attnedit_stock.__call__).parameters
+
+    def given(name: str) -> Any:
+        value = kwargs.get(name)
+        return value if value is not None else getattr(defaults.get(name), "default", None)
+
+    temporal, frames = getattr(pipe, "vae_scale_factor_temporal", None), given("num_frames")
+    if mask.ndim == 3 and is_int(temporal) and is_int(frames) and frames > 0:
+        latent = (frames - 1) // temporal + 1
+        if mask.shape[0] != latent:
+            raise ValueError(f"key_mask of {mask.shape[0]} frames does not match num_frames={frames}, which the VAE "
+                             f"turns into {latent} latent frames ((num_frames - 1) // {temporal} + 1)")
+    scale = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
     side = getattr(pipe, "default_sample_size", None) or getattr(denoiser(pipe).config, "sample_size", None)
-    side = side * pipe.vae_scale_factor if isinstance(side, int) else None
-    height, width = kwargs.get("height") or side, kwargs.get("width") or side
-    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
-        cell = 2 * pipe.vae_scale_factor  # the largest patch of the supported families (FLUX packs 2x2 latents)
+    side = side * scale if is_int(side) else None
+    height, width = given("height") or side, given("width") or side
+    if is_int(height) and is_int(width) and height > 0 and width > 0:
+        cell = 2 * scale  # the largest patch of the supported families (FLUX packs 2x2 latents; Wan patches 2x2)
         try:
-            mask_coverage(edit.mask, (max(1, height // cell), max(1, width // cell)))
+            mask_coverage(mask[0] if mask.ndim == 3 else mask, (max(1, height // cell), max(1, width // cell)))
         except ValueError:
-            raise ValueError(f"key_mask of size {tuple(edit.mask.shape)} does not have the aspect ratio of the "
+            raise ValueError(f"key_mask of size {tuple(mask.shape)} does not have the aspect ratio of the "
                              f"{width}x{height} (WxH) image") from None
 
 
@@ -283,10 +298,15 @@ def _check_options(pipe: Any, options: dict[str, Any], family: str) -> None:
         raise ValueError(f"refocus_options= must not set {sorted(taken)}: use refocus_config=, edits=, key_mask=, ...")
 
 
+def _names(pipe: Any) -> list[str]:
+    """The stock call's positional parameters after ``self``."""
+    return [p.name for p in inspect.signature(pipe._attnedit_stock.__call__).parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+
+
 def _refocus_kwargs(pipe: Any, layout: Layout, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The stock call's arguments as keywords for ``refocus``; a prompt must be the layout's."""
-    names = [p.name for p in inspect.signature(pipe._attnedit_stock.__call__).parameters.values()
-             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+    names = _names(pipe)
     if len(args) > len(names):
         raise ValueError(f"too many positional arguments for {pipe._attnedit_stock.__name__}")
     kwargs = {**dict(zip(names, args)), **kwargs}
