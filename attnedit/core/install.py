@@ -127,7 +127,8 @@ class Installation:
     def edits(self, edits: Sequence[Edit]) -> None:
         for k, edit in enumerate(edits):
             if not isinstance(edit, Edit):
-                raise ValueError(f"edits[{k}]={edit!r} is not an attnedit Edit")  # noqa: TRY004 (one error type for bad input)
+                hint = "; pass edits one by one: install(pipe, *edits)" if isinstance(edit, (list, tuple)) else ""
+                raise ValueError(f"edits[{k}]={edit!r} is not an attnedit Edit{hint}")  # noqa: TRY004 (one error type for bad input)
             edit.validate(self.sites, self.family.name)
         previous, self._edits = self._edits, tuple(edits)
         if self._owner is not None:

@@ -74,17 +74,22 @@ class Layer:
 
 
 def load_image(image: Any) -> torch.Tensor:
-    """(3, H, W) float in [-1, 1] from a path, PIL image or uint8 (H, W, 3) array."""
+    """(3, H, W) float in [-1, 1] from a path, PIL image or uint8 array (H, W, 3); gray (H, W) / (H, W, 1) and
+    RGBA (H, W, 4) arrays are converted to RGB, as PIL converts their images."""
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as opened:
                 image = opened.convert("RGB").copy()
         except (OSError, Image.DecompressionBombError) as error:  # missing, not an image, truncated, a bomb
             raise ValueError(f"image={str(image)!r} cannot be read: {error}") from None
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and 0 not in image.shape and (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 4))):
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be a path, PIL image or uint8 (H, W, 3) array, got {type(image).__name__}")
+        got = f"an array of shape {image.shape} and dtype {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"image must be a path, PIL image or uint8 (H, W, 3) array, got {got}")
     if 0 in image.shape:
         raise ValueError(f"image of size {image.shape[1]}x{image.shape[0]} (WxH) is empty")
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
