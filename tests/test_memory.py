@@ -200,3 +200,28 @@ def test_hub_id_loads_offline_from_a_hub_layout_cache_through_the_cli(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:  # a bad plan name: argparse's one-line error, exit code 2
         cli_main([*args[:4], "--memory", "warp"])
     assert exit_info.value.code == 2
+
+
+def test_batch_jobs_carry_their_loading_options(tmp_path):
+    from attnedit.surfaces.batch import parse_jobs, run_batch
+
+    jobs = parse_jobs([
+        {"task": "generate", "id": "a", "prompt": "a cat", "memory": "group-offload", "lora": "x.safetensors:0.5"},
+        {"task": "generate", "id": "b", "prompt": "a dog", "memory": "group-offload", "lora": ["x.safetensors:0.5"]},
+        {"task": "generate", "id": "c", "prompt": "a cow"},
+    ])
+    assert jobs[0].load == {"memory": "group-offload", "lora": ["x.safetensors:0.5"]} == jobs[1].load
+    assert "memory" not in jobs[0].params and jobs[0].record()["memory"] == "group-offload"
+    calls = []
+
+    def load(model, **options):
+        calls.append((model, options))
+        raise OSError("not loaded in this test")
+
+    summary = run_batch(jobs, tmp_path, load, default_model="tiny:sd3", progress=False)
+    assert sorted(summary.failed) == ["a", "b", "c"]  # one load per (model, options): a and b share theirs
+    assert calls == [("tiny:sd3", {"lora": ("x.safetensors:0.5",), "memory": "group-offload"}), ("tiny:sd3", {})]
+    for field, value, message in (("memory", "fast", "memory='fast'"), ("quantize", "int3", "quantize='int3'"),
+                                  ("lora", 3, "lora=3")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_jobs([{"task": "generate", "prompt": "a cat", field: value}])

@@ -18,10 +18,33 @@ import importlib.util
 import os
 from typing import Any
 
-__all__ = ["QUANTIZE", "check_quantize", "load_loras", "parse_lora", "quantization_config"]
+__all__ = ["LOAD_FIELDS", "QUANTIZE", "check_quantize", "load_fields", "load_loras", "parse_lora", "quantization_config"]
 
 QUANTIZE: tuple[str, ...] = ("int8", "fp8", "bnb-8bit", "bnb-4bit")
 DENOISERS = ("transformer", "transformer_2", "unet")
+LOAD_FIELDS = ("memory", "quantize", "lora", "variant")  # a batch job's fields that say how its model loads
+
+
+def load_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """A batch job's loading options (``memory``, ``quantize``, ``lora``: one spec or a list, ``variant``), names
+    checked here; what the device can do is checked when the model loads."""
+    from attnedit.surfaces.memory import parse_memory
+
+    out = {k: spec[k] for k in LOAD_FIELDS if spec.get(k) is not None}
+    for key in ("memory", "quantize", "variant"):
+        if key in out and not isinstance(out[key], str):
+            raise ValueError(f"{key}={out[key]!r} must be a string")
+    if "memory" in out:
+        parse_memory(out["memory"])
+    quantize = out.get("quantize")
+    if quantize and quantize != "none" and quantize not in QUANTIZE and not quantize.endswith(".gguf"):
+        raise ValueError(f"quantize={quantize!r}; valid: {', '.join(QUANTIZE)} or a .gguf file")
+    if "lora" in out:
+        loras = [out["lora"]] if isinstance(out["lora"], str) else out["lora"]
+        if not isinstance(loras, list):
+            raise ValueError(f"lora={out['lora']!r} must be PATH_OR_ID[:SCALE] or a list of them")
+        out["lora"] = [f"{source}:{scale}" for source, scale in map(parse_lora, loras)]
+    return out
 
 
 def check_quantize(quantize: str | None, device: str) -> str | None:
