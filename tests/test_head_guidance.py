@@ -125,7 +125,7 @@ BAD_EDITS = [  # SoftPAG(**options): each bad value is one ValueError naming the
     ({"strength": None}, "strength=None"), ({"strength": True}, "strength=True"),
     ({"heads": "L7"}, "names whole layers"), ({"heads": None}, "heads=None selects no head"),
     ({"heads": {1: (-1,)}}, r"layer 1 -> \(-1,\) is not a layer >= 0"), ({"heads": {-1: (0,)}}, "layer -1"),
-    ({"heads": {1: (0.5,)}}, r"\(0.5,\) is not"), ({"heads": {1: "0"}}, "is not a layer"), ({"heads": {}}, "non-empty"),
+    ({"heads": {1: (0.5,)}}, r"\(0.5,\) is not"), ({"heads": {1: "0"}}, "is not a layer"), ({"heads": {}}, "selects no head"),
     ({"target": "max"}, "target='max' must be 'identity' or 'uniform'"), ({"target": None}, "target=None"),
     ({"scope": "text"}, "scope='text' must be one of 'all', 'image-image', 'image'"), ({"scope": ["all"]}, r"scope=\['all'\]"),
     ({"scope": "image-image", "target": "uniform"}, "target='uniform' has no 'image-image' form"),

@@ -51,8 +51,10 @@ def head_table(heads: Any) -> dict[int, tuple[int, ...]]:
     def integer(x: Any) -> bool:
         return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
 
-    if not isinstance(heads, dict) or not heads:
-        raise ValueError(f"heads={heads!r} must be a non-empty {{layer: heads}} dict (None: every head)")
+    if not isinstance(heads, dict):
+        raise ValueError(f"heads={heads!r} must be a {{layer: heads}} dict (None: every head)")
+    if not heads:
+        raise ValueError("heads={} selects no head; name at least one layer (None: every head)")
     table = {}
     for layer, hs in heads.items():
         hs = (hs,) if integer(hs) else tuple(hs) if isinstance(hs, (tuple, list, set, frozenset, range)) else None

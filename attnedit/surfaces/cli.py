@@ -225,7 +225,9 @@ def _app(args: argparse.Namespace) -> int:
         rules.check_model_kind(args.model, "generate", rules.model_kind(args.model))
     from attnedit.surfaces.webapp import main as app_main
 
-    return app_main((["--model", args.model] if args.model else []) + ["--port", str(args.port)])
+    loading = [arg for key, value in _loading(args).items()
+               for arg in ([f"--{key}", v] for v in (value if isinstance(value, list) else [value])) for arg in arg]
+    return app_main((["--model", args.model] if args.model else []) + ["--port", str(args.port)] + loading)
 
 
 def _sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -349,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     app = sub.add_parser("app", help="start the web app on 127.0.0.1")
     app.add_argument("--model", help="hub id, local folder or tiny:<family>")
     app.add_argument("--port", type=int, default=7860)
+    _weights_options(app)
     app.set_defaults(run=_app)
     return parser
 
