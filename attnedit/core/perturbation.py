@@ -52,7 +52,7 @@ def head_table(heads: Any) -> dict[int, tuple[int, ...]]:
         return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
 
     if not isinstance(heads, dict):
-        raise ValueError(f"heads={heads!r} must be a {{layer: heads}} dict (None: every head)")
+        raise ValueError(f"heads={heads!r} must be a {{layer: heads}} dict (None: every head)")  # noqa: TRY004
     if not heads:
         raise ValueError("heads={} selects no head; name at least one layer (None: every head)")
     table = {}

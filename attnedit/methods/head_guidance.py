@@ -120,7 +120,7 @@ def _dict_heads(spec: dict, heads: Any) -> list[Any]:
     if heads is None or _index(heads):
         return [heads]
     if not isinstance(heads, (list, tuple, set, frozenset, range)):
-        raise ValueError(f"heads={spec!r}: the heads of a layer must be None, an index or a list of indices, not {heads!r}")
+        raise ValueError(f"heads={spec!r}: the heads of a layer must be None, an index or a list of indices, not {heads!r}")  # noqa: TRY004
     return list(heads)
 
 
@@ -355,7 +355,7 @@ def perturbed_guidance(
     if cfg_scale is not None and (not _finite(cfg_scale) or cfg_scale <= 0):
         raise ValueError(f"cfg_scale={cfg_scale!r} must be > 0 and finite (the CFG weight the pipeline applies), or None")
     if not isinstance(share_prefix, bool):
-        raise ValueError(f"share_prefix={share_prefix!r} must be True or False")
+        raise ValueError(f"share_prefix={share_prefix!r} must be True or False")  # noqa: TRY004
     edit = soft_pag(pipe, heads, strength, target=target, scope=scope, branches=frozenset({"perturbed"}), steps=steps)
     with ExitStack() as stack:
         handle = stack.enter_context(install(pipe, edit, backend=backend))
