@@ -31,9 +31,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub (the GPU machine has no internet)
 sys.path.insert(0, os.path.dirname(__file__))
 
+import gpu_check_full
 import torch
 import torch.nn.functional as F
-import gpu_check_full
 from harness import RESULTS, compare, machine
 
 from attnedit import BlockMask, HeadBlend, KeyMask, install

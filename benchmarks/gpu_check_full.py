@@ -200,7 +200,6 @@ def full_row(check: Any, name: str) -> dict:
 
         _measure(check, label, run, row["edits"])
     plans(check, model, forward, stock, row["plans"])
-    del model, inputs, stock
     return row
 
 

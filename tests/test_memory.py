@@ -8,10 +8,7 @@ memory; plans and backends a CPU cannot do are one clear ValueError.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from attnedit import KeyMask, install
 from attnedit.models import zoo
 from attnedit.surfaces.cli import main as cli_main
 from attnedit.surfaces.loading import load_pipeline
-from attnedit.surfaces.memory import GiB, MemoryPlan, choose_plan, component_sizes, is_video, resolve_memory
+from attnedit.surfaces.memory import GiB, MemoryPlan, choose_plan, component_sizes, is_video
 from attnedit.surfaces.quantize import parse_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
