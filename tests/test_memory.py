@@ -222,3 +222,17 @@ def test_batch_jobs_carry_their_loading_options(tmp_path):
                                   ("lora", 3, "lora=3")):
         with pytest.raises(ValueError, match=re.escape(message)):
             parse_jobs([{"task": "generate", "prompt": "a cat", field: value}])
+
+
+def test_resolve_memory_reads_the_device_and_the_quantization(monkeypatch):
+    from attnedit.surfaces import memory
+
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: 24 * GiB)
+    assert memory.resolve_memory("auto", FLUX, "cuda:0").offload == "group-offload"
+    plan = memory.resolve_memory("auto", FLUX, "cuda:0", quantize="int8")
+    assert plan.offload == "none" and "all components 15.8 GiB" in plan.reason  # half the bytes, the VAE aside
+    assert memory.resolve_memory("auto", FLUX, "cpu").offload == "none"
+    assert memory.resolve_memory("auto", WAN14B, "cpu").vae_tiling  # video: the VAE is tiled even on a CPU
+    assert memory.resolve_memory("model-offload", FLUX, "cuda").reason == ""  # a named plan is taken as is
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: None)
+    assert "cannot tell the free memory" in memory.resolve_memory("auto", FLUX, "xpu").reason
