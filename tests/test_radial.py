@@ -431,19 +431,28 @@ def test_flex_block_mask_built_once_per_geometry():
     assert torch.equal(with_keys.mask_mod(zero, zero, q_idx, kv_idx), expected)
 
 
-@pytest.mark.parametrize("frames, per_frame, sink", [(8, 200, True), (6, 256, False), (8, 390, True)])
-def test_flex_mask_from_the_table_is_what_create_block_mask_builds(frames, per_frame, sink):
+@pytest.mark.parametrize(
+    "frames, per_frame, sink, block",
+    [(8, 200, True, 128), (6, 256, False, 128), (8, 390, True, 128), (11, 220, True, 64), (9, 100, False, 32),
+     (6, 600, True, 256)],
+)
+def test_flex_mask_from_the_table_is_what_create_block_mask_builds(frames, per_frame, sink, block):
     """The FlexAttention mask radial attention uses is built from the block table (no S x S mask), with and without a
-    short last block; create_block_mask, which evaluates every query-key pair, must give the same structure."""
+    short last block, for tables of 128-blocks and of blocks that divide 128 (Wan 2.2's 64) or are multiples of it;
+    create_block_mask, which evaluates every query-key pair, must give the same structure."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     from attnedit.core.attention import flex_mask_from_table
 
     n = frames * per_frame
-    blocks = radial_block_mask(frames, per_frame, 128, 0.2, sink)
-    ours = flex_mask_from_table(BlockMask(blocks, 128, n, n), torch.device("cpu"))
-    theirs = create_block_mask(lambda b, h, q, kv: blocks[q // 128, kv // 128], None, None, n, n, device="cpu")
+    blocks = radial_block_mask(frames, per_frame, block, 0.2, sink, 128)
+    ours = flex_mask_from_table(BlockMask(blocks, block, n, n), torch.device("cpu"))
+    padded = torch.zeros(2 * n // block + 4, 2 * n // block + 4, dtype=torch.bool)  # create_block_mask may look past n
+    padded[: blocks.shape[0], : blocks.shape[1]] = blocks
+    theirs = create_block_mask(lambda b, h, q, kv: padded[q // block, kv // block], None, None, n, n, device="cpu")
     assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
     for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                   "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+    q_idx, kv_idx, zero = torch.arange(n)[:, None], torch.arange(n)[None, :], torch.zeros((), dtype=torch.long)
+    assert torch.equal(ours.mask_mod(zero, zero, q_idx, kv_idx), BlockMask(blocks, block, n, n).dense())

@@ -129,8 +129,9 @@ def flex_block_mask(block: BlockMask, keys: torch.Tensor | None, device: torch.d
 
     Cached by the identity of ``block.blocks`` (treated as read-only) and the content of ``keys``, so an edit that
     returns the same table every call (radial attention caches one per geometry) pays the build once. Without
-    ``keys`` and with 128-token blocks the mask is built from the table itself (:func:`flex_mask_from_table`):
-    ``create_block_mask`` evaluates the mask at every query-key pair, about 10 bytes each (11 GB at Wan 480p).
+    ``keys`` and with blocks that divide 128 or are multiples of it the mask is built from the table itself
+    (:func:`flex_mask_from_table`): ``create_block_mask`` evaluates the mask at every query-key pair, about 10 bytes
+    each (11 GB at Wan 480p, 59 GB at Wan 2.2 A14B's 76,800 tokens).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -140,7 +141,7 @@ def flex_block_mask(block: BlockMask, keys: torch.Tensor | None, device: torch.d
     if hit is not None and hit[0] is block.blocks:
         return hit[1]
     table, size = block.blocks.to(device), block.block_size
-    if keys is None and size == FLEX_BLOCK:
+    if keys is None and (size % FLEX_BLOCK == 0 or FLEX_BLOCK % size == 0):
         bm = flex_mask_from_table(block, device)
     else:
         def mask_mod(b, h, q_idx, kv_idx):
@@ -159,18 +160,28 @@ FLEX_BLOCK = 128  # FlexAttention's default block size
 
 
 def flex_mask_from_table(block: BlockMask, device: torch.device):
-    """The BlockMask ``create_block_mask`` would build for a 128-token block table, without any S x S mask.
+    """The BlockMask ``create_block_mask`` would build (128-token blocks) for a block table, without any S x S mask.
 
-    Kept blocks are full blocks; a short last block row or column (token counts not a multiple of 128) is partial,
-    evaluated by ``mask_mod`` against the sequence lengths.
+    The table's block size divides 128 or is a multiple of it (radial attention: 128; Wan 2.2's released setting:
+    64). A 128-block is kept when any table block in it is kept and full when all are; a short last block row or
+    column (token counts not a multiple of 128) and any mixed block are partial, evaluated by ``mask_mod``.
     """
     from torch.nn.attention.flex_attention import BlockMask as FlexMask
 
-    table = block.blocks.to(device)
-    full = table.clone()
-    if block.num_queries % FLEX_BLOCK:
+    size, n = block.block_size, FLEX_BLOCK
+    nq, nk = -(-block.num_queries // n), -(-block.num_keys // n)
+    rows, cols = -(-nq * n // size), -(-nk * n // size)  # the table padded to whole 128-blocks
+    table = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    table[: block.blocks.shape[0], : block.blocks.shape[1]] = block.blocks.to(device)
+    if size >= n:
+        kept = table.repeat_interleave(size // n, 0).repeat_interleave(size // n, 1)[:nq, :nk]
+        full = kept.clone()
+    else:
+        per = table.view(nq, n // size, nk, n // size)
+        kept, full = per.any(3).any(1), per.all(3).all(1)
+    if block.num_queries % n:
         full[-1, :] = False
-    if block.num_keys % FLEX_BLOCK:
+    if block.num_keys % n:
         full[:, -1] = False
 
     def ordered(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,9 +189,9 @@ def flex_mask_from_table(block: BlockMask, device: torch.device):
                 torch.argsort(t[None, None].int(), dim=-1, descending=True, stable=True).int())
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return table[q_idx // FLEX_BLOCK, kv_idx // FLEX_BLOCK]
+        return table[q_idx // size, kv_idx // size]
 
-    return FlexMask.from_kv_blocks(*ordered(table & ~full), *ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+    return FlexMask.from_kv_blocks(*ordered(kept & ~full), *ordered(full), BLOCK_SIZE=n, mask_mod=mask_mod,
                                    seq_lengths=(block.num_queries, block.num_keys))
 
 

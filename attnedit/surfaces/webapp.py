@@ -49,16 +49,18 @@ def generate_with_maps(pipe, prompt: str, seed: int, steps: int, guidance: float
 
 
 def friendly(fn):
-    """Show a ValueError to the user as a gr.Error message."""
+    """Show a ValueError to the user as a gr.Error message, and the sampling steps as the event's progress bar
+    (``gr.Progress(track_tqdm=True)`` follows diffusers' tqdm bar). Inputs arrive positionally."""
     import gradio as gr
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads this default)
         try:
-            return fn(*args, **kwargs)
+            return fn(*args)
         except ValueError as error:
             raise gr.Error(str(error)) from None
 
+    wrapper.__name__ = wrapper.__qualname__ = getattr(fn, "__name__", "run")  # a partial has none
+    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -258,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variant", help="weight files variant, e.g. fp16")
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model, memory=args.memory, quantize=args.quantize, lora=args.lora, variant=args.variant)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=False)  # its steps are the app's progress bar (friendly)
     demo = build_app(pipe, args.model)
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="10mb")
