@@ -19,8 +19,10 @@ from attnedit.methods.refocusing import (
     RefocusConfig,
     Region,
     TokenLayout,
+    SCHEDULES,
     box_mask,
     car_loss,
+    gaussian_kernel,
     gaussian_smooth,
     phrase_maps,
     phrase_mass,
@@ -80,6 +82,40 @@ def test_bad_layouts():
         Layout.from_dict({"prompt": "a cat"})
 
 
+BAD_LAYOUT_INPUTS = [  # (what a user passes, the message): one ValueError naming the phrase (or region) and field
+    (lambda: Layout("a blue dog", [("blue dog",)]), r"phrase 'blue dog' has no box \(regions\[0\] has no boxes\)"),
+    (lambda: Layout("a blue dog", [("blue dog", None)]), r"phrase 'blue dog' has no box \(boxes=None\)"),
+    (lambda: Layout("a blue dog", [("blue dog", 0.5)]), r"phrase 'blue dog' has no box \(boxes=0.5\)"),
+    (lambda: Layout("a blue dog", [("blue dog", [("a", 0, 1, 1)])]), r"box \('a', 0, 1, 1\) of 'blue dog' must be 4"),
+    (lambda: Layout("a blue dog", [("blue dog", [(0, 0, 1, float("nan"))])]), r"of 'blue dog' must be 4 numbers"),
+    (lambda: Layout("a blue dog", [("blue dog", [(0, 0, 1, 1), (0, 0, 1)])]), r"box \(0.0, 0.0, 1.0\) of 'blue dog'"),
+    (lambda: Layout("a blue dog", [(None, [(0, 0, 1, 1)])]), r"phrase=None must be a non-empty string"),
+    (lambda: Layout("a blue dog", "blue dog"), r"regions='blue dog' must be a list of \(phrase, boxes\)"),
+    (lambda: Layout("a blue dog", [("blue dog", [(0, 0, 1, 1)], "x")]), r"regions\[0\]=.* must be \(phrase, boxes\)"),
+    (lambda: Layout("", [("dog", [(0, 0, 1, 1)])]), r"prompt='' must be a non-empty string"),
+    (lambda: Layout.from_dict({"prompt": "a blue dog", "regions": [{"phrase": "blue dog"}]}),
+     r"regions\[0\] \(phrase 'blue dog'\) has no 'boxes'"),
+    (lambda: Layout.from_dict({"prompt": "a blue dog", "regions": [{"phrase": "blue dog", "box": [[0, 0, 1, 1]]}]}),
+     r"has no 'boxes' \(unknown keys \['box'\]\)"),
+    (lambda: Layout.from_dict({"prompt": "a blue dog", "regions": [{"boxes": [[0, 0, 1, 1]]}]}),
+     r"regions\[0\]=.* needs a 'phrase'"),
+    (lambda: Layout.from_dict({"prompt": "a blue dog", "regions": [{"phrase": "blue dog", "boxes": None}]}),
+     r"phrase 'blue dog' has no box \(boxes=None\)"),
+    (lambda: Layout.from_dict({"prompt": "a blue dog", "regions": [{"phrase": "blue dog", "boxes": [[0, 0, 2, 1]]}]}),
+     r"box \(0.0, 0.0, 2.0, 1.0\) of 'blue dog' must be 4 numbers in \[0, 1\]"),
+    (lambda: Layout.from_dict({"prompt": "a blue dog", "regions": ["blue dog"]}), r"regions\[0\]='blue dog' must be a dict"),
+    (lambda: Layout.from_dict({"prompt": "a blue dog", "regions": {"phrase": "x"}}), r"'regions'=.* must be a list"),
+    (lambda: Layout.from_json("{not json"), r"is not valid JSON"),
+    (lambda: Layout.from_json("/nonexistent/layout.json"), r"neither JSON text nor a readable file"),
+]
+
+
+@pytest.mark.parametrize("make, match", BAD_LAYOUT_INPUTS)
+def test_bad_layout_inputs_are_one_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 # ----------------------------------------------------------------------------------------------- tokens
 def test_multi_token_words_are_found_with_the_real_tokenizer(tiny_pipe):
     tok = tiny_pipe("sd15").tokenizer
@@ -122,49 +158,131 @@ def test_token_layout_sd3_maps_clip_then_t5_positions(tiny_pipe):
     assert len(tl.content) == (len(clip_ids) - 2) + (len(t5_ids) - 1)  # no SOT/EOS, no </s>
 
 
-# ------------------------------------------------------------------------------------------------ boxes
-def test_box_mask_covers_touched_cells_and_is_never_empty():
-    m = box_mask((0.25, 0.0, 0.5, 0.5), (4, 4))
-    expected = torch.zeros(4, 4, dtype=torch.bool)
-    expected[0:2, 1:2] = True
-    assert torch.equal(m, expected)
-    assert box_mask((0.30, 0.30, 0.31, 0.31), (4, 4)).sum() == 1  # smaller than a cell: the one it touches
+# ------------------------------------------------------------------ the official formulas, written out plainly
+# The authors' code (Attention-Refocusing, ldm/models/diffusion/loss.py at ce0439c and b79fba5) re-stated with
+# loops over boxes and cells, square maps, as it computes them; attnedit's vectorized losses must give its numbers.
+def official_cells(box, n):
+    """The official box -> slice: int(x * W) on both corners (may be empty)."""
+    return slice(int(box[1] * n), int(box[3] * n)), slice(int(box[0] * n), int(box[2] * n))
+
+
+def official_kernel(sigma=0.5, size=3):
+    """GaussianSmoothing: prod over axes of exp(-((x - mean) / (2 sigma))^2), normalized to sum 1."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-((x / (2 * sigma)) ** 2))
+    k = g[:, None] * g[None, :]
+    return (k / k.sum()).float()
+
+
+def official_car(maps, boxes, t=0, gated=False):
+    """caculate_loss_att_fixed_cnt per object map (already normalized and smoothed); boxes[o] = list of xyxy."""
+    n, total = maps.shape[-1], 0.0
+    for o, m in enumerate(maps):
+        other, copy = m.clone(), m.clone()
+        for box in boxes[o]:
+            ys, xs = official_cells(box, n)
+            inside = float(m[ys, xs].max())
+            if not gated:
+                total += 1 - inside
+            elif inside < 0.1:
+                total += 6 * (1 - inside)
+            elif inside < 0.2 or t < 15:
+                total += 1 - inside
+            copy[ys, xs] = 0.0
+            other[ys, xs] = 0.0
+        for j in range(len(maps)):
+            if j == o:
+                continue
+            for box in boxes[j]:
+                ys, xs = official_cells(box, n)
+                value = float(other[ys, xs].max())
+                copy[ys, xs] = 0.0
+                if not gated:
+                    total += value
+                elif value > 0.15:
+                    total += 4 * value
+                elif value > 0.1 or t < 15:
+                    total += value
+        total += len(boxes[o]) * float(copy.max()) / 2
+    return total / len(maps)
+
+
+def official_sar(layers, boxes):
+    """caculate_loss_self_att: per layer (N, N) map, per box the mean over its query rows of the mass outside it;
+    summed over every box of every object, divided by the number of objects; mean over layers."""
+    n = int(math.isqrt(layers.shape[-1]))
+    result = 0.0
+    for a in layers:
+        loss = 0.0
+        for obj in boxes:
+            for box in obj:
+                mask = torch.zeros(n, n)
+                mask[official_cells(box, n)] = 1.0
+                rows = [y * n + x for y in range(n) for x in range(n) if mask[y, x]]
+                mean_row = a[rows].sum(0) / len(rows)
+                loss += float((mean_row.reshape(n, n) * (1 - mask)).sum())
+        result += loss / len(boxes)
+    return result / len(layers)
+
+
+def masks_of(boxes, n):
+    return [torch.stack([box_mask(b, (n, n)) for b in obj]) for obj in boxes]
+
+
+THREE = [[(0.0, 0.0, 0.375, 0.5)], [(0.5, 0.0, 1.0, 0.5)], [(0.0, 0.5, 0.5, 1.0), (0.625, 0.625, 1.0, 1.0)]]
+
+
+def test_kernel_is_the_official_one():
+    k = gaussian_kernel(0.5, 3)
+    assert torch.allclose(k, official_kernel()) and round(float(k[1, 1]), 3) == 0.332
+    maps = torch.rand(3, 8, 8)
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(maps[:, None], (1, 1, 1, 1), mode="reflect"),
+                                          official_kernel()[None, None])[:, 0]
+    assert torch.allclose(gaussian_smooth(maps, 0.5), expected, atol=1e-7)
+
+
+def test_box_cells_are_the_officials_with_a_one_cell_minimum():
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = torch.rand(4, generator=rng).tolist()
+        box = (min(x0, x1), min(y0, y1), max(x0, x1) + 1e-3, max(y0, y1) + 1e-3)
+        box = tuple(min(v, 1.0) for v in box)
+        expected = torch.zeros(16, 16, dtype=torch.bool)
+        expected[official_cells(box, 16)] = True
+        if expected.any():
+            assert torch.equal(box_mask(box, (16, 16)), expected), box
+    thin = box_mask((0.30, 0.30, 0.31, 0.31), (4, 4))  # officially empty (int(1.2) == int(1.24)): one cell here
+    assert thin.sum() == 1 and thin[1, 1]
     assert box_mask((0.99, 0.99, 1.0, 1.0), (4, 4))[3, 3]
-    assert box_mask((0.0, 0.0, 1.0, 1.0), (2, 3)).all()  # non-square grids
+    assert box_mask((0.0, 0.0, 1.0, 1.0), (2, 3)).all()  # non-square grids: x by the width, y by the height
     assert torch.equal(box_mask((0.2, 0.0, 0.6, 1.0), (2, 5))[0], torch.tensor([0, 1, 1, 0, 0], dtype=torch.bool))
 
 
-# ----------------------------------------------------------------------------------------------- losses
-def test_car_loss_matches_hand_computation():
-    maps = torch.zeros(2, 4, 4)
-    maps[0, 0, 0], maps[0, 0, 3], maps[0, 3, 0] = 0.7, 0.4, 0.1  # in own box, in other's box, background
-    maps[1, 0, 3], maps[1, 2, 2] = 0.9, 0.3  # in own box, background
-    a = torch.zeros(1, 4, 4, dtype=torch.bool)
-    a[0, 0:2, 0:2] = True
-    b = torch.zeros(2, 4, 4, dtype=torch.bool)
-    b[0, 0:2, 3] = True
-    b[1, 3, 3] = True
-    loss, peaks = car_loss(maps, [a, b])
-    obj_a = (1 - 0.7) + 0.4 + 1 * 0.1 / 2
-    obj_b = (1 - 0.9) + (1 - 0.0) + 0.0 + 2 * 0.3 / 2  # second box empty of mass, nothing in a's box
-    assert math.isclose(float(loss), (obj_a + obj_b) / 2, rel_tol=1e-6)
-    assert torch.allclose(peaks, torch.tensor([0.7, 0.9, 0.0]))
-    solo, _ = car_loss(maps[:1], [a])  # one object: no other-objects term
-    assert math.isclose(float(solo), (1 - 0.7) + max(0.4, 0.1) / 2, rel_tol=1e-6)
+@pytest.mark.parametrize("gated, t", [(False, 0), (True, 3), (True, 20)])
+def test_car_matches_the_official_formula(gated, t):
+    torch.manual_seed(1)
+    maps = (torch.rand(3, 8, 8) ** 4) * 0.4  # peaks around the gates' 0.1 / 0.15 / 0.2
+    loss, peaks = car_loss(maps, masks_of(THREE, 8), gated=gated, step=t)
+    assert math.isclose(float(loss), official_car(maps, THREE, t, gated), rel_tol=1e-6)
+    assert torch.allclose(peaks, torch.stack([maps[o][official_cells(b, 8)].max() for o in range(3) for b in THREE[o]]))
 
 
-def test_sar_loss_matches_hand_computation():
-    n = 4  # 2 x 2 grid
-    s = torch.full((1, n, n), 0.25)
-    s[0, 0] = torch.tensor([0.7, 0.1, 0.1, 0.1])
-    box = torch.zeros(1, 2, 2, dtype=torch.bool)
-    box[0, 0, 0] = True
-    assert math.isclose(float(sar_loss(s, [box])), 0.3, rel_tol=1e-6)
-    two = torch.zeros(1, 2, 2, dtype=torch.bool)
-    two[0, 0, :] = True  # cells 0, 1: rows leak 0.2 and 0.5
-    layered = torch.cat([s, torch.eye(n)[None]])  # second layer leaks nothing
-    expected = ((0.3 + 0.35) / 2 + (0.0 + 0.0) / 2) / 2
-    assert math.isclose(float(sar_loss(layered, [box, two])), expected, rel_tol=1e-6)
+def test_car_sums_the_max_of_each_other_box():
+    m = torch.zeros(3, 8, 8)
+    m[0, 1, 1], m[0, 1, 5], m[0, 6, 1], m[0, 6, 6] = 0.5, 0.3, 0.2, 0.1  # in its box; in B's; in each of C's two
+    loss, _ = car_loss(m, masks_of(THREE, 8))
+    # object 0: (1 - 0.5) + 0.3 + 0.2 + 0.1, nothing in the background; objects 1 and 2 (empty maps): 1 per box
+    assert math.isclose(float(loss), ((1 - 0.5) + 0.6 + 1 + 2) / 3, rel_tol=1e-6)
+    assert math.isclose(float(loss), official_car(m, THREE), rel_tol=1e-6)
+
+
+def test_sar_matches_the_official_formula_and_sums_an_objects_boxes():
+    torch.manual_seed(2)
+    layers = torch.rand(2, 64, 64).softmax(-1)
+    assert math.isclose(float(sar_loss(layers, masks_of(THREE, 8))), official_sar(layers, THREE), rel_tol=1e-5)
+    two = [THREE[2]]  # one object, two boxes: the sum over its boxes, not their mean
+    per_box = [official_sar(layers, [[b]]) for b in THREE[2]]
+    assert math.isclose(float(sar_loss(layers, masks_of(two, 8))), sum(per_box), rel_tol=1e-5)
 
 
 def test_phrase_maps_normalize_over_content_tokens_and_smooth():
@@ -433,6 +551,10 @@ def test_bad_calls(tiny_pipe):
         RefocusConfig(losses=("car", "cfg"))
     with pytest.raises(ValueError, match=r"step_sizes=\(\(5, 4.0\), \(3, 1.0\)\) must be .* increasing"):
         RefocusConfig(step_sizes=((5, 4.0), (3, 1.0)))
+    with pytest.raises(ValueError, match=r"schedule='v2' must be one of \['b79fba5', 'ce0439c'\]"):
+        RefocusConfig(schedule="v2")
+    with pytest.raises(ValueError, match=r"loss_scale=nan must be a finite number > 0"):
+        RefocusConfig(loss_scale=float("nan"))
     with pytest.raises(ValueError, match="no attention map was recorded"):
         refocus_loss([], [], LAYOUT, TokenLayout((1,), ((0,),)), RefocusConfig())
 
@@ -608,3 +730,108 @@ def test_flux_bad_inputs(tiny_pipe):
     long = Layout(PROMPT + " next to a tree", (("tree", [(0, 0, 1, 1)]),))  # "tree" is token 10: cut at 8 tokens
     with pytest.raises(ValueError, match="phrase 'tree' is not in the prompt"):
         refocus(pipe, long, max_sequence_length=8, height=64, width=64)
+
+
+# ------------------------------------------------------------------------------------------ schedules, early stop
+def test_named_schedules_follow_the_official_loops():
+    ce, head = RefocusConfig(), RefocusConfig(schedule="b79fba5")
+    assert ce.schedule == "ce0439c" and set(SCHEDULES) == {"ce0439c", "b79fba5"}
+    steps = lambda c: [i for i in range(50) if c.refocuses(i)]
+    assert steps(ce) == list(range(30)) and steps(head) == [*range(10), 10, 15, 20, 25, 30, 35]
+    assert sum(ce.max_iterations(i) for i in steps(ce)) == 110 and sum(head.max_iterations(i) for i in steps(head)) == 49
+    # the official tables (plms.py update_loss_self_cross), step by step
+    assert [(ce.step_size(i), ce.max_iterations(i)) for i in (0, 9, 10, 19, 20, 29)] == \
+        [(3, 5), (3, 5), (2, 5), (2, 5), (1, 1), (1, 1)]
+    assert [(head.step_size(i), head.max_iterations(i)) for i in (0, 1, 2, 4, 5, 9, 10, 15, 20, 35)] == \
+        [(4, 2), (4, 2), (4, 6), (4, 6), (3, 3), (3, 3), (3, 2), (3, 2), (1, 2), (1, 2)]
+    assert head.gated and not ce.gated
+    # other step counts read the tables at i * 50 // N; refocus_steps caps them
+    assert [i for i in range(20) if ce.refocuses(i, 20)] == list(range(12))
+    assert [i for i in range(20) if RefocusConfig(refocus_steps=3).refocuses(i, 20)] == [0, 1, 2]
+    assert ce.last_step(20) == 12 and RefocusConfig(refocus_steps=0).last_step(50) == 0
+
+
+def official_loop(x, f, peak, scale, max_iter, use_loss=True, peak_threshold=None):
+    """The official while loop: test (scaled loss, min peak) of the previous iteration, then forward, update."""
+    loss, min_inside, updates = 10000.0, 0.0, 0
+    while (not use_loss or loss > 0.1) and updates < max_iter and (peak_threshold is None or min_inside < peak_threshold):
+        x = x.detach().requires_grad_(True)
+        scaled = scale * f(x)
+        (grad,) = torch.autograd.grad(scaled, x)
+        loss, min_inside = float(scaled.detach()), float(peak(x.detach()))
+        x, updates = (x - grad).detach(), updates + 1
+    return x, updates
+
+
+@pytest.mark.parametrize("schedule, step, count", [("ce0439c", 3, 3), ("b79fba5", 3, 4), ("b79fba5", 15, 2)])
+def test_early_stop_thresholds_the_scaled_loss_and_updates_once_more(monkeypatch, schedule, step, count):
+    from attnedit.methods import refocusing as rf
+
+    f = lambda x: (x**2).sum()
+    peak = lambda x: 0.22 - 0.02 * f(x)  # rises as the loss falls; crosses 0.2 after a few updates
+    seen = {}
+    monkeypatch.setattr(rf, "refocus_loss", lambda *a: (f(seen["x"]), peak(seen["x"])[None]))
+    config = RefocusConfig(schedule=schedule, loss_scale=0.01)
+    x0 = torch.ones(1, 4)
+    x, history = rf.refocus_latents(lambda x: seen.__setitem__("x", x), x0, step, [], LAYOUT, None, config)
+    scale = 0.01 * config.step_size(step)
+    head = schedule == "b79fba5"
+    expected, updates = official_loop(x0, f, peak, scale, config.max_iterations(step), use_loss=step < 10 or not head,
+                                      peak_threshold=0.2 if head else None)
+    assert len(history) == updates == count  # (3, 4: one more than a test before the update would make)
+    torch.testing.assert_close(x, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- GLIGEN
+@pytest.fixture(scope="module")
+def gligen_pipe(tiny_pipe):
+    """A tiny StableDiffusionGLIGENPipeline: tiny SD 1.5's parts with a gated (GLIGEN) UNet of the same shape."""
+    from diffusers import DDIMScheduler, StableDiffusionGLIGENPipeline, UNet2DConditionModel
+
+    sd = tiny_pipe("sd15")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**sd.unet.config, "attention_type": "gated"}).eval()
+    pipe = StableDiffusionGLIGENPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
+                                         scheduler=DDIMScheduler.from_config(sd.scheduler.config), safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_gligen_refocuses_end_to_end_with_grounding_inputs_and_scheduled_sampling(gligen_pipe):
+    pipe, steps = gligen_pipe, 4
+    fuser = next(m for m in pipe.unet.modules() if type(m).__name__ == "GatedSelfAttentionDense")
+    seen = []  # (grad enabled, fuser on, boxes given to the grounding net) per UNet forward
+    hooks = [pipe.unet.position_net.register_forward_pre_hook(
+        lambda m, a, kw: seen.append([torch.is_grad_enabled(), None, kw["boxes"].clone()]), with_kwargs=True),
+        fuser.register_forward_pre_hook(lambda m, a: seen[-1].__setitem__(1, m.enabled))]
+    kw = {"num_inference_steps": steps, "generator": gen(), "output_type": "np", "gligen_scheduled_sampling_beta": 0.5}
+    try:
+        out, losses = refocus(pipe, LAYOUT, config=FAST, return_losses=True, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out.images.shape == (1, 64, 64, 3) and sorted(losses) == [0, 1]
+    assert all(h[-1] < h[0] for h in losses.values()), losses
+    gradient = [(on, boxes) for grad, on, boxes in seen if grad]
+    assert len(gradient) == sum(len(h) for h in losses.values())  # one grounded forward per iteration
+    layout_boxes = torch.tensor([b for r in LAYOUT.regions for b in r.boxes])
+    assert all(boxes.shape == (1, 30, 4) and torch.equal(boxes[0, :2], layout_boxes) for _, boxes in gradient)
+    # int(0.5 * 4) = 2 grounding steps: the fuser is on in steps 0-1 for the pipeline's forwards and for refocusing
+    assert [on for grad, on, _ in seen if not grad][-steps:] == [True, True, False, False]  # (after map probing)
+    assert all(on for on, _ in gradient)
+    kw["generator"] = gen()
+    plain = pipe(LAYOUT.prompt, gligen_phrases=["red cat", "blue square"], gligen_boxes=layout_boxes.tolist(), **kw)
+    kw["generator"] = gen()
+    same = refocus(pipe, LAYOUT, config=RefocusConfig(refocus_steps=0), **kw)
+    assert (same.images == plain.images).all() and abs(out.images - plain.images).max() > 1e-3
+    assert "step" not in vars(pipe.scheduler)  # the scheduler's step is its own again
+
+
+def test_gligen_bad_calls(gligen_pipe):
+    with pytest.raises(ValueError, match="callback_on_step_end= is not accepted by StableDiffusionGLIGENPipeline"):
+        refocus(gligen_pipe, LAYOUT, callback_on_step_end=lambda *a: {})
+    with pytest.raises(ValueError, match="gligen_phrases=\\['cat'\\] and gligen_boxes=None: give both or neither"):
+        refocus(gligen_pipe, LAYOUT, gligen_phrases=["cat"])
+    with pytest.raises(ValueError, match="gligen_inpaint_image= is not supported by refocusing"):
+        refocus(gligen_pipe, LAYOUT, gligen_inpaint_image=object())

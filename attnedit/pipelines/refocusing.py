@@ -1,10 +1,12 @@
-"""Attention refocusing on stock diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1): :func:`refocus`.
+"""Attention refocusing on stock diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1, GLIGEN): :func:`refocus`.
 
 Phung, Ge and Huang (2024), "Grounded Text-to-Image Synthesis with Attention Refocusing" (arXiv:2306.05427); the
 losses and the schedule live in :mod:`attnedit.methods.refocusing`. The stock pipeline runs unchanged: the initial noise
 is drawn exactly as the pipeline would draw it (same generator, same numbers; packed for FLUX), refocused for step
 0 and passed as ``latents=``; for steps 1..N-1, ``callback_on_step_end`` refocuses the latent the pipeline will
-denoise next (against ``timesteps[i + 1]``). Each refocusing iteration is one extra conditional-only forward with
+denoise next (against ``timesteps[i + 1]``), on the steps the schedule (``RefocusConfig.schedule``) refocuses;
+GLIGEN's pipeline has no such callback, so its ``scheduler.step`` is wrapped instead
+(:mod:`attnedit.pipelines.refocusing_gligen`, which also passes GLIGEN's grounding inputs). Each refocusing iteration is one extra conditional-only forward with
 gradients (``handle.branches("cond")``) whose attention maps are recorded at one resolution:
 
 * SD 1.x: cross/self layers whose grid is latent / 4 (16x16 at 512 px, the paper's layers);
@@ -27,8 +29,9 @@ inside an existing installation, e.g. ``with perturbed_guidance(pipe, ...) as h:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +41,16 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from attnedit.core.edits import Edit
 from attnedit.core.install import Installation, install
-from attnedit.methods.refocusing import Layout, MapRecorder, RefocusConfig, TokenLayout, refocus_latents, token_layout
+from attnedit.methods.refocusing import (
+    PLAIN_LOSS_SCALE,
+    Layout,
+    MapRecorder,
+    RefocusConfig,
+    TokenLayout,
+    refocus_latents,
+    token_layout,
+)
+from attnedit.pipelines import refocusing_gligen as gligen
 from attnedit.pipelines.refocusing_maps import PAPER_GRID, _recorders, map_layers  # noqa: F401  (re-exported)
 
 SUPPORTED = ("unet", "sd3", "flux")
@@ -120,6 +132,8 @@ class _Refocuser:
     layout: Layout
     config: RefocusConfig
     tokens: TokenLayout
+    num_steps: int = 50  # the run's inference steps: the schedule's tables are read at step i * 50 // num_steps
+    prepare: Any = None  # prepare(step): a context for the gradient forwards of ``step`` (GLIGEN: the fuser)
     losses: dict[int, list[float]] = field(default_factory=dict)
     checked: bool = False
     transient: bool = False  # install the processors only while refocusing (``handle`` was removed)
@@ -177,9 +191,9 @@ class _Refocuser:
             if checkpointing:
                 model.enable_gradient_checkpointing()
             state.auxiliary = True  # guidance hooks (perturbed_guidance) leave these forwards alone
-            with handle.branches("cond"):
+            with handle.branches("cond"), (self.prepare(step) if self.prepare else nullcontext()):
                 x, history = refocus_latents(lambda z: self._run(z, t, stop), latents, step, self.recorders,
-                                             self.layout, self.tokens, self.config)
+                                             self.layout, self.tokens, self.config, self.num_steps)
         finally:
             handle.edits = base
             state.auxiliary = False
@@ -249,13 +263,26 @@ def _initial_noise(pipe: Any, family: str, model: torch.nn.Module, size: tuple[i
     return randn_tensor(shape, generator=generator, device=device, dtype=model.dtype)
 
 
-def _step_callback(refocuser: _Refocuser, limit: int, user: Any) -> Any:
-    """callback_on_step_end that refocuses the latent of step i + 1 (while i + 1 < limit), then runs ``user``."""
+def _refocus_next(refocuser: _Refocuser, pipe: Any) -> Any:
+    """next(i, latents): the latent of step i + 1 refocused if the schedule refocuses that step, else None."""
+    def refocus_next(i: int, latents: torch.Tensor) -> torch.Tensor | None:
+        timesteps = pipe.scheduler.timesteps
+        if i + 1 >= len(timesteps) or not refocuser.config.refocuses(i + 1, refocuser.num_steps):
+            return None
+        return refocuser(latents, timesteps[i + 1], i + 1)
+
+    return refocus_next
+
+
+def _step_callback(refocuser: _Refocuser, user: Any) -> Any:
+    """callback_on_step_end that refocuses the latent of step i + 1 (if scheduled), then runs ``user``."""
+    refocus_next = _refocus_next(refocuser, refocuser.handle.pipeline)
 
     def on_step_end(p: Any, i: int, t: Any, tensors: dict) -> dict:
         out = {}
-        if i + 1 < limit:
-            out["latents"] = refocuser(tensors["latents"], p.scheduler.timesteps[i + 1], i + 1)
+        new = refocus_next(i, tensors["latents"])
+        if new is not None:
+            out["latents"] = new
         if user is not None:
             out.update(user(p, i, t, {**tensors, **out}) or {})
         return out
@@ -271,6 +298,9 @@ def _check_call(pipe: Any, layout: Any, handle: Installation | None, kwargs: dic
         raise ValueError(  # noqa: TRY004 - the project's rule: bad inputs raise ValueError
             f"layout={layout!r} must be a Layout (Layout(prompt, regions) or Layout.from_json(path))")
     family = detect_family(denoiser(pipe)).name
+    if any(c.__name__.startswith("StableDiffusionGLIGEN") for c in type(pipe).__mro__) and not gligen.is_gligen(pipe):
+        raise ValueError(f"refocusing on GLIGEN supports StableDiffusionGLIGENPipeline (text boxes); got "
+                         f"{type(pipe).__name__}")
     if family not in SUPPORTED:
         raise ValueError(f"refocusing supports SD 1.x, SDXL, SD3 and FLUX.1 pipelines; {type(pipe).__name__} is {family}")
     if family == "flux" and not any(c.__name__ == "FluxPipeline" for c in type(pipe).__mro__):
@@ -291,17 +321,27 @@ def refocus(
     height: int | None = None, width: int | None = None, generator: torch.Generator | None = None,
     max_sequence_length: int = 256, callback_on_step_end: Any = None, return_losses: bool = False, **kwargs: Any,
 ) -> Any:
-    """Run ``pipe`` (SD 1.x, SDXL, SD3 or FLUX.1) on ``layout.prompt`` with attention refocusing toward ``layout``'s boxes.
+    """Run ``pipe`` (SD 1.x, SDXL, SD3, FLUX.1 or GLIGEN) on ``layout.prompt`` with attention refocusing toward
+    ``layout``'s boxes, on the steps of ``config.schedule`` (default ``"ce0439c"``).
 
     Returns the pipeline's output (and, with ``return_losses``, ``{step: [loss per iteration]}``). Extra
     ``kwargs`` go to the pipeline. A phrase missing from the prompt raises, unless ``append_missing``.
     ``max_sequence_length`` is the T5 length of SD3 and FLUX (the text keys phrases are located among).
+    GLIGEN: ``gligen_phrases``/``gligen_boxes`` default to one phrase per layout box; ``loss_scale`` defaults to 1
+    there (the authors' code) and to 40 elsewhere (their advice for plain Stable Diffusion).
 
     >>> layout = Layout("a cat and a dog", [("a cat", [(0, 0, .5, 1)]), ("a dog", [(.5, 0, 1, 1)])])  # doctest: +SKIP
     >>> image = refocus(pipe, layout, generator=torch.Generator().manual_seed(0)).images[0]  # doctest: +SKIP
     """
     config = config or RefocusConfig()
     family = _check_call(pipe, layout, handle, kwargs)
+    is_gligen = gligen.is_gligen(pipe)
+    if is_gligen:
+        if callback_on_step_end is not None:
+            raise ValueError(f"callback_on_step_end= is not accepted by {type(pipe).__name__}; pass its callback=")
+        gligen.grounding_inputs(pipe, layout, kwargs)
+    if config.loss_scale is None:  # the authors' code on GLIGEN; their advice for plain Stable Diffusion
+        config = dataclasses.replace(config, loss_scale=1.0 if is_gligen else PLAIN_LOSS_SCALE)
     layout = layout.with_phrases_in_prompt() if append_missing else layout
     tokens = token_layout(pipe, layout, max_sequence_length)
     size = _size(pipe, family, height, width)
@@ -319,19 +359,33 @@ def refocus(
         model = handle.models[0]
         noise = _initial_noise(pipe, family, model, size, generator)
         timesteps = _timesteps(pipe, family, num_inference_steps, noise, kwargs.get("sigmas"))
-        forward = _conditioner(pipe, family, layout.prompt, size, max_sequence_length, kwargs.get("guidance_scale"))
+        if is_gligen:
+            forward = gligen.conditioner(pipe, layout.prompt, kwargs)
+            prepare = gligen.fuser_schedule(pipe, kwargs, len(timesteps))
+        else:
+            forward = _conditioner(pipe, family, layout.prompt, size, max_sequence_length, kwargs.get("guidance_scale"))
+            prepare = None
         sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
-        x, limit = noise * sigma, min(config.refocus_steps, len(timesteps))
-        recorders = _recorders(handle, pipe, forward, x, timesteps[0], config) if limit > 0 else []
+        x = noise * sigma
+        any_step = any(config.refocuses(i, num_inference_steps) for i in range(len(timesteps)))
+        recorders = []
+        if any_step:
+            with prepare(0) if prepare else nullcontext():
+                recorders = _recorders(handle, pipe, forward, x, timesteps[0], config)
         # without other edits the pipeline's own forwards need no processor: install them only while refocusing
         transient = installed and not edits
-        refocuser = _Refocuser(handle, forward, recorders, layout, config, tokens, transient=transient)
+        refocuser = _Refocuser(handle, forward, recorders, layout, config, tokens, num_inference_steps, prepare,
+                               transient=transient)
         if transient:
             handle.remove()
-        if limit > 0:
+        if config.refocuses(0, num_inference_steps):
             x = refocuser(x, timesteps[0], 0)
         handle.new_run()
-        result = pipe(prompt=layout.prompt, latents=x / sigma, height=size[0],
-                      width=size[1], num_inference_steps=num_inference_steps, generator=generator,
-                      callback_on_step_end=_step_callback(refocuser, limit, callback_on_step_end), **kwargs)
+        call = {"prompt": layout.prompt, "latents": x / sigma, "height": size[0], "width": size[1],
+                "num_inference_steps": num_inference_steps, "generator": generator, **kwargs}
+        if is_gligen:
+            with gligen.after_each_step(pipe, _refocus_next(refocuser, pipe) if any_step else lambda i, z: None):
+                result = pipe(**call)
+        else:
+            result = pipe(**call, callback_on_step_end=_step_callback(refocuser, callback_on_step_end))
     return (result, refocuser.losses) if return_losses else result
