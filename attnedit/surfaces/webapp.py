@@ -49,18 +49,32 @@ def generate_with_maps(pipe, prompt: str, seed: int, steps: int, guidance: float
 
 
 def friendly(fn):
-    """Show a ValueError to the user as a gr.Error message, and the sampling steps as the event's progress bar
-    (``gr.Progress(track_tqdm=True)`` follows diffusers' tqdm bar). Inputs arrive positionally."""
+    """Show a ValueError to the user as a gr.Error message, and the sampling steps as the event's progress bar.
+
+    gradio tracks tqdm bars (diffusers' steps) for a function whose signature ends in a positional
+    ``progress=gr.Progress(track_tqdm=True)``: the wrapper shows ``fn``'s positional parameters plus that one.
+    """
+    import inspect
+
     import gradio as gr
 
-    def wrapper(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads this default)
+    def wrapper(*args, **kwargs):
+        args = [a for a in args if not isinstance(a, gr.Progress)]
+        kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, gr.Progress)}
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except ValueError as error:
             raise gr.Error(str(error)) from None
 
     wrapper.__name__ = wrapper.__qualname__ = getattr(fn, "__name__", "run")  # a partial has none
     wrapper.__doc__ = fn.__doc__
+    signature = inspect.signature(fn)
+    kinds = [p.kind for p in signature.parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:  # else nothing can follow: no progress bar
+        positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        progress = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default=gr.Progress(track_tqdm=True))
+        wrapper.__signature__ = signature.replace(parameters=[*positional, progress])
     return wrapper
 
 
