@@ -179,9 +179,9 @@ class VideoEditor:
 
     @torch.no_grad()
     def _invert(self, z0: torch.Tensor, run: Run) -> list[torch.Tensor]:
-        with self._installed(self._edits(None, inversion=True)) as handle:
-            with handle.branches("cond") if handle else nullcontext():
-                return self.model.invert(run, z0, self.config.inversion_iterations)
+        with self._installed(self._edits(None, inversion=True)) as handle, \
+                handle.branches("cond") if handle else nullcontext():
+            return self.model.invert(run, z0, self.config.inversion_iterations)
 
     @torch.no_grad()
     def _sample(self, latents: list[torch.Tensor], run: Run, region: torch.Tensor | None,
@@ -193,17 +193,17 @@ class VideoEditor:
             fresh = torch.randn(z.shape, generator=torch.Generator().manual_seed(c.seed)).to(z)
             z = region * ((1 - c.hole_noise) ** 0.5 * z + c.hole_noise ** 0.5 * fresh) + (1 - region) * z
         cfg = c.guidance_scale > 1
-        with self._installed(self._edits(hole_keys, inversion=False)) as handle:
-            with handle.branches(*(("uncond", "cond") if cfg else ("cond",))) if handle else nullcontext():
-                for i in range(len(run.timesteps)):
-                    if cfg:
-                        out_u, out_c = model.predict(run, torch.cat([z, z]), i).chunk(2)
-                        out = out_u + c.guidance_scale * (out_c - out_u)
-                    else:
-                        out = model.predict(run, z, i)
-                    z = model.step(run, z, out, i)
-                    if region is not None and i < c.step(c.blend_until):
-                        z = region * z + (1 - region) * latents[i + 1]
+        with self._installed(self._edits(hole_keys, inversion=False)) as handle, \
+                handle.branches(*(("uncond", "cond") if cfg else ("cond",))) if handle else nullcontext():
+            for i in range(len(run.timesteps)):
+                if cfg:
+                    out_u, out_c = model.predict(run, torch.cat([z, z]), i).chunk(2)
+                    out = out_u + c.guidance_scale * (out_c - out_u)
+                else:
+                    out = model.predict(run, z, i)
+                z = model.step(run, z, out, i)
+                if region is not None and i < c.step(c.blend_until):
+                    z = region * z + (1 - region) * latents[i + 1]
         return z
 
     def _holes(self, masks: torch.Tensor, padded: tuple[int, int, int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from PIL import Image, ImageSequence
 
 from attnedit.methods.key_masking import box_mask, load_mask
 
-VideoLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, list]
+VideoLike = str | os.PathLike | np.ndarray | torch.Tensor | list
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 DEFAULT_FPS = 16.0  # Wan's frame rate, for arrays and folders that carry none
@@ -149,7 +149,7 @@ def _mask_stack(masks: Any, name: str, threshold: float) -> torch.Tensor:
         if isinstance(masks, torch.Tensor):
             masks = masks.detach().cpu().numpy()
         if not isinstance(masks, np.ndarray):
-            raise ValueError(f"{name} of type {type(masks).__name__} is not a path, array, list of masks or boxes")
+            raise ValueError(f"{name} of type {type(masks).__name__} is not a path, array, list of masks or boxes")  # noqa: TRY004
         array = masks.astype(np.float32)
         if masks.dtype == np.uint8 or (masks.dtype.kind in "iu" and array.max(initial=0) > 1):
             array = array / 255.0

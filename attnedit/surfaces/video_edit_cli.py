@@ -106,7 +106,9 @@ def remove(pipe: Any, params: dict[str, Any]) -> Any:
         masks = linear_track(masks[1], masks[2], frames.shape[0])
     masks = load_masks(masks, frames.shape[0], frames.shape[1:3])
     editor = VideoEditor(pipe, _config(params, pipe))
-    return editor.remove(frames, masks.numpy())
+    video = editor.remove(frames, masks.numpy())
+    video.fps = fps  # the source's (the editor was given its frames as an array)
+    return video
 
 
 def edit_video_task(pipe: Any, params: dict[str, Any]) -> list:
@@ -144,6 +146,6 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, args.device, args.dtype, **options)
     pipe.set_progress_bar_config(disable=True)
     video = remove(pipe, {"video": frames, "masks": masks.numpy(), **params})
-    video.fps = fps
+    video.fps = fps  # read from the file above; the frames went on as an array
     print(video.save(out))
     return 0

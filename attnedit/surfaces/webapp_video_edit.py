@@ -20,7 +20,7 @@ MAX_STEPS = 100
 def parse_box(text: str, name: str) -> tuple[int, int, int, int]:
     """``"x0,y0,x1,y1"`` -> a box of integer pixels; ValueError naming the field."""
     try:
-        box = tuple(int(round(float(v))) for v in str(text).replace(" ", "").split(","))
+        box = tuple(round(float(v)) for v in str(text).replace(" ", "").split(","))
     except ValueError:
         box = ()
     if len(box) != 4:
