@@ -14,12 +14,12 @@ from attnedit import AttentionRecorder, KeyMask, install
 from attnedit.core.families import detect_family
 from attnedit.methods.refocusing import (
     MAX_BOXES,
+    SCHEDULES,
     Layout,
     MapRecorder,
     RefocusConfig,
     Region,
     TokenLayout,
-    SCHEDULES,
     box_mask,
     car_loss,
     gaussian_kernel,
@@ -210,7 +210,7 @@ def official_car(maps, boxes, t=0, gated=False):
 def official_sar(layers, boxes):
     """caculate_loss_self_att: per layer (N, N) map, per box the mean over its query rows of the mass outside it;
     summed over every box of every object, divided by the number of objects; mean over layers."""
-    n = int(math.isqrt(layers.shape[-1]))
+    n = math.isqrt(layers.shape[-1])
     result = 0.0
     for a in layers:
         loss = 0.0
@@ -835,3 +835,13 @@ def test_gligen_bad_calls(gligen_pipe):
         refocus(gligen_pipe, LAYOUT, gligen_phrases=["cat"])
     with pytest.raises(ValueError, match="gligen_inpaint_image= is not supported by refocusing"):
         refocus(gligen_pipe, LAYOUT, gligen_inpaint_image=object())
+
+
+def test_schedule_is_a_checked_job_field_and_cli_flag():
+    from attnedit.surfaces.cli import build_parser
+    from attnedit.surfaces.params import check_params
+
+    assert check_params("generate", {"prompt": "a cat", "schedule": "b79fba5"})["schedule"] == "b79fba5"
+    with pytest.raises(ValueError, match=r"schedule='v3'; valid: \['ce0439c', 'b79fba5'\]"):
+        check_params("generate", {"prompt": "a cat", "schedule": "v3"})
+    assert build_parser().parse_args(["generate", "a cat", "--schedule", "b79fba5"]).schedule == "b79fba5"

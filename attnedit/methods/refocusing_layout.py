@@ -61,7 +61,7 @@ def _region(item: Any, index: int) -> Region:
         return item
     if isinstance(item, dict):
         if not isinstance(item.get("phrase"), str):
-            raise ValueError(f"regions[{index}]={item!r} needs a 'phrase' (a non-empty string)")
+            raise ValueError(f"regions[{index}]={item!r} needs a 'phrase' (a non-empty string)")  # noqa: TRY004
         if "boxes" not in item:
             extra = sorted(set(item) - {"phrase", "boxes"})
             raise ValueError(f"regions[{index}] (phrase {item['phrase']!r}) has no 'boxes'"
@@ -111,10 +111,10 @@ class Layout:
             raise ValueError(f"layout must be a dict with 'prompt' and 'regions', got {str(data)[:80]!r}")
         regions = data["regions"]
         if not isinstance(regions, list):
-            raise ValueError(f"layout 'regions'={str(regions)[:80]!r} must be a list of {{'phrase', 'boxes'}} dicts")
+            raise ValueError(f"layout 'regions'={str(regions)[:80]!r} must be a list of {{'phrase', 'boxes'}} dicts")  # noqa: TRY004
         for i, r in enumerate(regions):
             if not isinstance(r, dict):
-                raise ValueError(f"regions[{i}]={str(r)[:80]!r} must be a dict with 'phrase' and 'boxes'")
+                raise ValueError(f"regions[{i}]={str(r)[:80]!r} must be a dict with 'phrase' and 'boxes'")  # noqa: TRY004
         return cls(data["prompt"], tuple(_region(r, i) for i, r in enumerate(regions)))
 
     @classmethod

@@ -244,7 +244,8 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
     """Text to image with a stock pipeline, optionally refocused to a ``layout`` and guided away from ``heads``.
 
     Parameters: prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images; ``layout`` (a
-    refocusing layout: dict or JSON path; its prompt is used unless ``prompt`` is given), ``refocus_steps``;
+    refocusing layout: dict or JSON path; its prompt is used unless ``prompt`` is given), ``refocus_steps``,
+    ``schedule`` (``ce0439c`` or ``b79fba5``);
     ``heads`` (head set, e.g. "L1H0,L1H1" or a ranking file), ``pag_scale``, ``pag_strength``.
     """
     import contextlib
@@ -284,10 +285,10 @@ def _layout(params: dict[str, Any]) -> Any:
 
 
 def _refocused(pipe: Any, layout: Any, prompt: str, steps: int, generator: Any, params: dict, kwargs: dict) -> list:
-    from attnedit.methods.refocusing import RefocusConfig
+    from attnedit.methods.refocusing import DEFAULT_SCHEDULE, RefocusConfig
     from attnedit.pipelines.refocusing import refocus
 
-    config = RefocusConfig(refocus_steps=int(params.get("refocus_steps", min(25, steps // 2))))
+    config = RefocusConfig(schedule=params.get("schedule", DEFAULT_SCHEDULE), refocus_steps=params.get("refocus_steps"))
     return refocus(pipe, layout, config=config, num_inference_steps=steps, generator=generator, **kwargs).images
 
 

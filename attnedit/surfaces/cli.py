@@ -118,7 +118,8 @@ def _generate(args: argparse.Namespace) -> int:
     return _run_task(args, "generate", {
         "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance,
         "width": args.width, "height": args.height, "negative_prompt": args.negative, "layout": args.layout,
-        "refocus_steps": args.refocus_steps, "heads": args.heads, "pag_scale": args.pag_scale,
+        "refocus_steps": args.refocus_steps, "schedule": args.schedule, "heads": args.heads,
+        "pag_scale": args.pag_scale,
         "pag_strength": args.pag_strength,
     })
 
@@ -286,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(gen)
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--layout", help="refocusing layout JSON: {prompt, regions: [{phrase, boxes: [[x0,y0,x1,y1]]}]}")
-    gen.add_argument("--refocus-steps", type=int, help="steps with latent refocusing (default: min(25, steps/2))")
+    gen.add_argument("--refocus-steps", type=int, help="refocus only steps below this (default: the schedule's steps)")
+    gen.add_argument("--schedule", choices=("ce0439c", "b79fba5"), help="refocusing schedule, a version of the "
+                     "authors' code (default ce0439c, the one for plain SD; b79fba5: HEAD, tuned for GLIGEN)")
     gen.add_argument("--heads", help="perturbed-attention guidance heads, e.g. 'L1H0,L1H1', '7:3', 'L7', ranking.json or a preset "
                      "(attnedit presets)")
     gen.add_argument("--pag-scale", type=float, help="guidance scale of the perturbed branch (default 3.0)")

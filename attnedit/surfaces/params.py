@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnedit.methods.refocusing_schedule import SCHEDULES
+
 TINY_PREFIX = "tiny:"
 DEFAULT_MODEL = "shapes-t2i"  # the built-in trained models (attnedit.shapes.builtin), offline on a CPU
 DEFAULT_VIDEO_MODEL = "shapes-t2v"
@@ -142,8 +144,8 @@ SAMPLING: dict[str, Rule] = {
 }
 FIELDS: dict[str, dict[str, Rule]] = {
     "generate": {**SAMPLING, "num_images": integer(1, MAX_IMAGES), "layout": layout,
-                 "refocus_steps": integer(0, MAX_STEPS), "heads": text, "pag_scale": number(-100, 100),
-                 "pag_strength": number(0, 1)},
+                 "refocus_steps": integer(0, MAX_STEPS), "schedule": choice(*SCHEDULES), "heads": text,
+                 "pag_scale": number(-100, 100), "pag_strength": number(0, 1)},
     "edit": {"operation": choice("remove", "move", "resize", "flip", "zoom-out", "pan", "compose"),
              "image": image_file, "mask": mask, "dx": OFFSET, "dy": OFFSET, "scale": number(0, 16, above=True),
              "direction": choice("h", "v", "left", "right", "up", "down"), "amount": integer(0, MAX_SIDE),
