@@ -3,7 +3,8 @@
 Each denoiser is built from its shipped config with random weights directly on the GPU in bfloat16 (no download),
 and runs one forward at its real resolution (FLUX 1024 x 1024; Wan 720p x 81 frames; HunyuanVideo 720p x 117
 frames): stock, then under each edit (key mask, SoftPAG, recorder, radial), then under each memory plan (the
-denoiser moved from host memory per call, group offloading with CUDA streams, sequential offloading). Every forward
+denoiser moved from host memory per call, group offloading with CUDA streams, sequential offloading), and FLUX
+also with torchao int8 / fp8 weight-only weights (alone and with a key mask). Every forward
 is timed once after one stock warm-up forward (a 14B video forward takes seconds; medians of several would not
 fit the 8-minute budget), with its peak memory. Anything that would start after ``--budget-s`` is recorded as
 skipped, and each measurement runs in its own try/except.
@@ -200,7 +201,42 @@ def full_row(check: Any, name: str) -> dict:
 
         _measure(check, label, run, row["edits"])
     plans(check, model, forward, stock, row["plans"])
+    if arch.family == "flux":
+        row["quantized"] = {}
+        for quantize in QUANTIZED:
+            _measure(check, quantize, lambda q=quantize: quantized(check, arch, size, text, q, first, stock),
+                     row["quantized"])
     return row
+
+
+QUANTIZED = ("int8", "fp8")  # torchao weight-only, as load_pipeline(quantize=...) applies them (bitsandbytes and
+# GGUF need their packages and saved weights: not part of this check)
+
+
+def quantized(check: Any, arch, size, text: int, quantize: str, first: dict, stock: torch.Tensor) -> dict:
+    """A fresh denoiser with torchao weight-only ``quantize`` (attnedit's device check first): stock and key-mask
+    forwards, against the unquantized stock forward."""
+    from torchao.quantization import quantize_
+
+    from attnedit.surfaces.quantize import _configs, check_quantize
+
+    check_quantize(quantize, str(check.device))  # fp8 on a CPU or an older GPU: the ValueError is the row
+    model = build(check, arch)
+    quantize_(model, _configs(quantize, check.dtype)[0].quant_type)
+    inputs = _inputs(check, arch, model, size, 8 if check.dry else text)
+    forward = torch.no_grad()(lambda: model(**inputs, return_dict=False)[0])
+    forward()
+    plain = timed(check, forward)
+    out = plain.pop("_out")
+    mask = torch.zeros(size[-2:])
+    mask[: size[-2] // 2, : size[-1] // 2] = 1
+    with install(model, KeyMask(mask=mask)):
+        masked = timed(check, forward)
+    masked_out = masked.pop("_out")
+    return {**plain, "ratio": round(plain["ms"] / first["ms"], 4),
+            "max_abs_diff": float((out.float() - stock.float()).abs().max()),
+            "key_mask": {**masked, "ratio": round(masked["ms"] / plain["ms"], 4),
+                         "max_abs_diff": float((masked_out.float() - out.float()).abs().max())}}
 
 
 def section(check: Any, section_dict: dict, rows: Callable, tiny: Callable[[str], torch.nn.Module]) -> None:

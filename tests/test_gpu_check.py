@@ -107,3 +107,7 @@ def test_dry_run_full_section_has_every_model_edit_and_plan(dry_run):
             _numbers(plan, "ms")
             if label != "none":
                 assert plan["max_abs_diff"] == 0, (name, label)  # offloading moves weights, never changes them
+    quantized = rows["flux1-dev"]["quantized"]  # torchao weight-only on a fresh denoiser, with and without a key mask
+    _numbers(quantized["int8"], "ms", "ratio", "max_abs_diff")
+    assert 0 < quantized["int8"]["max_abs_diff"] < 0.1 and quantized["int8"]["key_mask"]["max_abs_diff"] > 0
+    assert "compute capability 8.9" in quantized["fp8"]["error"]  # the dry run is on the CPU: attnedit's refusal
