@@ -68,7 +68,7 @@ def test_heads_search_writes_a_ranking(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["edit", "remove", "{photo}", "--steps", "4"], "edit remove: mask is required"),
+        (["edit", "remove", "{photo}", "--steps", "4"], "edit remove: --mask is required"),
         (["edit", "remove", "{tmp}/missing.png", "--box", "1,1,5,5"], "missing.png"),
         (["edit", "move", "{photo}", "--box", "1,2,3"], "--box='1,2,3' must be x0,y0,x1,y1"),
         (["edit", "resize", "{photo}", "--box", "8,8,30,30", "--scale", "0", "--steps", "4"], "scale"),

@@ -308,9 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m attnedit.methods.headhunter --model tiny:sd3 --prompt "a cat" --layers 1 --workdir runs/hh``."""
     import argparse
 
+    from attnedit.surfaces import params as rules
+    from attnedit.surfaces.cli_base import Parser
     from attnedit.surfaces.loading import load_pipeline
 
-    parser = argparse.ArgumentParser(prog="python -m attnedit.methods.headhunter", description="HeadHunter greedy head search.")
+    parser = Parser(prog="python -m attnedit.methods.headhunter", description="HeadHunter greedy head search.")
     parser.add_argument("--model", help="hub id, local folder or tiny:<family>")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -326,9 +328,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.objective != "colorfulness" and not args.objective.startswith("clip:"):
         raise ValueError(f"--objective={args.objective!r}; valid: 'colorfulness' or 'clip:<path>'")
+    checks = {"--rounds": rules.integer(1, 100), "--top-k": rules.integer(1, 1000), "--steps": rules.STEPS,
+              "--strength": rules.number(0, 1), "--scale": rules.number(-100, 100)}
+    for name, rule in checks.items():  # one line naming the option, before any model loads
+        rule(name, getattr(args, name[2:].replace("-", "_")))
+    for seed in args.seeds:
+        rules.SAMPLING["seed"]("--seeds", seed)
+    rules.check_output("--workdir", args.workdir)
+    model = args.model or rules.DEFAULT_MODEL
+    rules.check_model_kind(model, "heads", rules.model_kind(model))
     objective = colorfulness if args.objective == "colorfulness" else ClipScore(args.objective[len("clip:"):])
+    pipe = load_pipeline(args.model)
+    rules.check_model_kind(model, "heads", rules.pipeline_kind(pipe))
     ranking = headhunter(
-        load_pipeline(args.model), objective, args.prompt, args.seeds, rounds=args.rounds, top_k=args.top_k,
+        pipe, objective, args.prompt, args.seeds, rounds=args.rounds, top_k=args.top_k,
         layers=args.layers, candidates=args.candidates, strength=args.strength, scale=args.scale,
         call_kwargs={"num_inference_steps": args.steps}, workdir=args.workdir,
     )

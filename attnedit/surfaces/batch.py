@@ -353,6 +353,11 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
                   generator=torch.Generator("cpu").manual_seed(int(params.get("seed", 0))))
     if "frames" in params:
         kwargs["num_frames"] = int(params["frames"])
+        stride = getattr(pipe, "vae_scale_factor_temporal", None)  # Wan, HunyuanVideo: 1 + a multiple of 4
+        if isinstance(stride, int) and stride > 1 and (kwargs["num_frames"] - 1) % stride:
+            near = 1 + stride * max(round((kwargs["num_frames"] - 1) / stride), 0)
+            raise ValueError(f"frames={kwargs['num_frames']} must be 1 more than a multiple of {stride} for this "
+                             f"model (e.g. {near}); diffusers would silently round it")
     params = {k: v for k, v in params.items() if k not in ("fps", "save_frames")}
     if params.get("radial", True):
         overrides = {k: params[k] for k in ("dense_steps", "dense_layers", "decay") if k in params}
