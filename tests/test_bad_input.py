@@ -113,7 +113,7 @@ CLI_CASES = [  # (arguments, what the one line must say); {out} is a fresh path 
     (["heads", "--prompt", "a", "--bogus"], "unrecognized arguments: --bogus"),
     (["app", "--port", "99999"], "--port=99999 must be an integer in [1, 65535]"),
     (["app", "--port", "0"], "--port=0"),
-    (["app", "--model", "shapes-t2v"], "model='shapes-t2v' is a video model"),
+    (["sites", "--model", "nonexistent/model"], "model_index.json"),
     (["batch", "{jobs}", "--out", "{afile}"], "is a file; give a folder"),
     (["batch", "{jobs}", "--out", "{root}/b", "--device", "cuda:99"], "--device='cuda:99'"),
     (["batch", "{jobs}", "--out", "{root}/b", "--model", "shapes-t2v"], "is a video model; generate needs"),

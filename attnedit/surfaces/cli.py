@@ -222,8 +222,6 @@ def _app(args: argparse.Namespace) -> int:
     from attnedit.surfaces import params as rules
 
     rules.integer(1, 65535)("--port", args.port)
-    if args.model:
-        rules.check_model_kind(args.model, "generate", rules.model_kind(args.model))
     from attnedit.surfaces.webapp import main as app_main
 
     loading = [arg for key, value in _loading(args).items()
@@ -374,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nattnedit: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as error:
-        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
+                "can't allocate memory" in str(error)):  # torch's CPU allocator
             print("attnedit: error: out of memory; try a smaller --width/--height/--frames or another --device",
                   file=sys.stderr)
             return 1
