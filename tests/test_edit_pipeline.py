@@ -169,6 +169,18 @@ def test_radial_equals_install(tiny_pipe, family):
     torch.testing.assert_close(run(p, family, radial=True, **VIDEO), expected, **TOL)
 
 
+def test_radial_true_is_the_pipelines_preset(tiny_pipe):
+    """Wan 2.2 (two denoisers) gets the authors' Wan 2.2 preset from radial=True, not Wan 2.1's."""
+    from attnedit.pipelines.edit_pipeline import _as_radial
+    from attnedit.pipelines.radial import default_preset
+
+    pipe = tiny_pipe("wan22")
+    assert default_preset(pipe) == "wan22"
+    assert _as_radial(True, "wan", default_preset(pipe)) == RadialAttention.preset("wan22")
+    assert _as_radial({"decay": 0.5}, "wan", "wan22") == RadialAttention.preset("wan22", decay=0.5)
+    assert RadialAttention.preset("wan22") != RadialAttention.preset("wan")
+
+
 # -------------------------------------------------------------------------------------- several at once
 @pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
 def test_layout_pag_and_key_mask_in_one_call(tiny_pipe, family):

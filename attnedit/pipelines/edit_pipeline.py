@@ -48,7 +48,7 @@ from attnedit.methods.radial import FAMILIES as RADIAL_FAMILIES
 from attnedit.methods.radial import RadialAttention
 from attnedit.methods.refocusing import Layout, RefocusConfig
 from attnedit.models.zoo import denoiser
-from attnedit.pipelines.radial import check_overrides
+from attnedit.pipelines.radial import check_overrides, default_preset
 from attnedit.pipelines.refocusing import SUPPORTED as REFOCUS_FAMILIES
 from attnedit.pipelines.refocusing import refocus
 
@@ -114,7 +114,7 @@ class AttnEditPipeline:
             return stock_call(self, *args, **kwargs)
         family = _family(self)
         _check_options(self, options, family)
-        edits = _collect_edits(options, family)
+        edits = _collect_edits(options, family, default_preset(self) if family in RADIAL_FAMILIES else family)
         _check_key_mask(self, edits[0] if options["key_mask"] is not None else None, family, dict(zip(_names(self), args), **kwargs))
         layout, heads, backend = options["layout"], options["pag_heads"], options["edit_backend"]
         with ExitStack() as stack:
@@ -234,29 +234,30 @@ def _check_key_mask(pipe: Any, edit: KeyMask | None, family: str, kwargs: dict[s
                              f"{width}x{height} (WxH) image") from None
 
 
-def _as_radial(value: Any, family: str) -> RadialAttention:
-    """``True``: the family's preset; a name: that preset; a dict: the family's preset with these fields."""
+def _as_radial(value: Any, family: str, preset: str) -> RadialAttention:
+    """``True``: the pipeline's preset (``wan22`` for Wan 2.2); a name: that preset; a dict: the pipeline's preset
+    with these fields."""
     if family not in RADIAL_FAMILIES:
         raise ValueError(f"radial= needs a video diffusion transformer ({', '.join(RADIAL_FAMILIES)}); this pipeline is {family}")
     if isinstance(value, RadialAttention):
         return value
     if value is True:
-        return RadialAttention.preset(family)
+        return RadialAttention.preset(preset)
     if isinstance(value, str):
         return RadialAttention.preset(value)
     if isinstance(value, dict):
         check_overrides(value)
-        return RadialAttention.preset(family, **value)
+        return RadialAttention.preset(preset, **value)
     raise ValueError(f"radial={value!r} must be True, a preset name, a dict of RadialAttention fields or a RadialAttention")
 
 
-def _collect_edits(options: dict[str, Any], family: str) -> list[Edit]:
+def _collect_edits(options: dict[str, Any], family: str, radial_preset: str) -> list[Edit]:
     """The edits installed for the whole call, in order: key mask, radial attention, the user's own."""
     edits: list[Edit] = []
     if options["key_mask"] is not None:
         edits.append(_as_key_mask(options["key_mask"]))
     if not _unset("radial", options["radial"]):
-        edits.append(_as_radial(options["radial"], family))
+        edits.append(_as_radial(options["radial"], family, radial_preset))
     extra = options["edits"]
     if extra is not None and not isinstance(extra, (Edit, list, tuple)):
         raise ValueError(f"edits={extra!r} must be an attnedit Edit or a list of them")
