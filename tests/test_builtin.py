@@ -260,3 +260,33 @@ def test_dit_phrase_positions_follow_its_clip_length(dit):
     positions = [tokens.content[i] for i in tokens.phrases[0]]
     assert any(p < builtin.TEXT_LENGTH for p in positions) and any(p >= builtin.TEXT_LENGTH for p in positions)
     assert max(tokens.content) < 2 * builtin.TEXT_LENGTH  # every key exists among the 48 text keys
+
+
+def test_a_bare_call_uses_the_models_own_defaults(t2v):
+    """The defaults belong to the model: ``pipe(prompt)`` on shapes-t2v runs at its 32 px, 9 frames and 24 text
+    tokens (the stock Wan defaults, 480x832x81 and 512 tokens, crash it); what the call gives still wins."""
+    out = t2v("a big red circle moving right on a gray background", num_inference_steps=2, output_type="np")
+    assert np.asarray(out.frames[0]).shape == (9, 32, 32, 3)
+    out = t2v("a big red circle", num_frames=5, num_inference_steps=2, output_type="np")
+    assert np.asarray(out.frames[0]).shape == (5, 32, 32, 3)
+    assert type(t2v).__name__ == "WanPipeline" and t2v.attnedit_defaults["call"]["num_frames"] == 9
+
+
+def test_python_api_cli_and_app_edit_alike_with_the_models_settings(t2i, tmp_path):
+    """``DesignEditor(load_builtin(...))`` edits with the model's own settings (fresh hole noise, 5 px growth):
+    the object goes, the other stays, and the CLI and the app give the same pixels for the same inputs."""
+    from PIL import Image
+
+    from attnedit.pipelines.design_edit import DesignEditConfig, DesignEditor
+    from attnedit.surfaces import webapp_tabs
+
+    scene = world.Scene((world.Shape("circle", "red", "big", 0.3, 0.5), world.Shape("square", "blue", "big", 0.75, 0.5)))
+    source, box = scene.render(64), [6, 20, 34, 44]
+    Image.fromarray(source).save(tmp_path / "scene.png")
+    api = np.asarray(DesignEditor(t2i, DesignEditConfig(num_steps=20)).remove(source, box))
+    assert "red" not in world.detect(api) and world.fidelity(api, world.Scene(scene.objects[1:])) == 1.0
+    assert main(["edit", "remove", str(tmp_path / "scene.png"), "--box", "6,20,34,44", "--steps", "20",
+                 "--out", str(tmp_path / "cli.png")]) == 0
+    cli = np.asarray(Image.open(tmp_path / "cli.png").convert("RGB"))
+    app = webapp_tabs.run_edit(t2i, source, box, "remove", steps=20)
+    assert np.array_equal(api, cli) and np.array_equal(api, app)

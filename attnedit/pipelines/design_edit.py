@@ -108,6 +108,8 @@ class DesignEditConfig:
     hole_noise: float | None = None  # share of fresh noise mixed into the inverted x_T inside the hole
     embedded_guidance: float = 1.0  # FLUX's distilled guidance, the same for inversion and sampling
     seed: int = 0  # of the hole noise
+    dilation: int | None = None  # mask growth of remove/move/resize/flip/compose; None: the model's, else 20
+    fill_dilation: int | None = None  # of zoom_out/pan; None: the model's, else 30
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 2:
@@ -131,6 +133,10 @@ class DesignEditConfig:
             raise ValueError(f"resolution={self.resolution!r} must be None or an integer >= 8 pixels")
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt={self.prompt!r} must be a string (\"\" for the paper's empty prompt)")  # noqa: TRY004
+        for name in ("dilation", "fill_dilation"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name}={value!r} must be None or a non-negative integer number of pixels")
 
     def step(self, fraction: float) -> int:
         return round(fraction * self.num_steps)
@@ -159,6 +165,19 @@ class DesignEditConfig:
         return config
 
 
+def with_model_defaults(config: DesignEditConfig, pipe: Any) -> DesignEditConfig:
+    """``config`` with its unset (None) fields taken from the model's own edit settings, then the paper's mask
+    growth (20 px; 30 for zoom-out and pan). The model's settings are those it carries (``pipe.attnedit_defaults``,
+    set by :func:`~attnedit.shapes.builtin.load_builtin`), so the Python API, the CLI and the app edit alike."""
+    from attnedit.shapes.builtin import edit_options
+
+    fields = {f.name for f in dataclasses.fields(config)}
+    unset = {k: v for k, v in edit_options(pipe).items() if k in fields and getattr(config, k) is None}
+    config = dataclasses.replace(config, **unset)
+    return dataclasses.replace(config, dilation=20 if config.dilation is None else config.dilation,
+                               fill_dilation=30 if config.fill_dilation is None else config.fill_dilation)
+
+
 class DesignEditor:
     """DesignEdit operations on a loaded SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline.
 
@@ -170,7 +189,7 @@ class DesignEditor:
     def __init__(self, pipe: Any, config: DesignEditConfig | None = None) -> None:
         if config is not None and not isinstance(config, DesignEditConfig):
             raise ValueError(f"config={config!r} must be a DesignEditConfig")
-        base = config or DesignEditConfig()
+        base = with_model_defaults(config or DesignEditConfig(), pipe)
         self.model: EditModel = edit_model(pipe, base.num_steps, base.prompt, base.embedded_guidance)
         embeds = bool(getattr(self.model.denoiser.config, "guidance_embeds", False))
         self.pipe, self.config = pipe, base.for_family(self.model.family, embeds)
@@ -253,20 +272,22 @@ class DesignEditor:
         """Plain DDIM inversion + reconstruction (the quality ceiling of every edit)."""
         return self._edit(load_image(image), None, 0)
 
-    def remove(self, image: Any, mask: MaskLike | list, dilation: int = 20, refine: MaskLike | list | None = None) -> Image.Image:
+    def remove(self, image: Any, mask: MaskLike | list, dilation: int | None = None, refine: MaskLike | list | None = None) -> Image.Image:
         """Remove the object(s) under ``mask`` (one mask, a box, or a list of them); ``dilation`` in px.
 
         ``refine`` marks regions the hole must not copy from (e.g. a duplicate of the object): their keys are
         hidden too, for the first ``refine_until`` of the steps, but their pixels are kept.
         """
+        dilation = self.config.dilation if dilation is None else dilation
         check_pixels(dilation=dilation)
         x = load_image(image)
         size = tuple(x.shape[-2:])
         refine = None if refine is None else self._mask(refine, size, "refine")
         return self._edit(x, self._mask(mask, size), dilation, refine=refine)
 
-    def move(self, image: Any, mask: MaskLike, dx: int, dy: int, dilation: int = 20, object_dilation: int = 10) -> Image.Image:
+    def move(self, image: Any, mask: MaskLike, dx: int, dy: int, dilation: int | None = None, object_dilation: int = 10) -> Image.Image:
         """Move the masked object by (dx, dy) px (+x right, +y down); it must stay inside the canvas."""
+        dilation = self.config.dilation if dilation is None else dilation
         check_pixels(dx=dx, dy=dy, dilation=dilation, object_dilation=object_dilation)
         x = load_image(image)
         canvas, hole = self._canvas(x), self._mask(mask, tuple(x.shape[-2:]))
@@ -275,13 +296,15 @@ class DesignEditor:
         layer = self._layer(latents, canvas, hole, object_dilation, int(dx), int(dy))
         return self._edit(x, hole, dilation, [layer], latents)
 
-    def resize(self, image: Any, mask: MaskLike, scale: float, dilation: int = 20, object_dilation: int = 10) -> Image.Image:
+    def resize(self, image: Any, mask: MaskLike, scale: float, dilation: int | None = None, object_dilation: int = 10) -> Image.Image:
         """Rescale the masked object by ``scale`` (> 0) about its box centre (resampled in pixel space)."""
+        dilation = self.config.dilation if dilation is None else dilation
         check_real("scale", scale, 0.0, low_open=True)
         return self._transformed(image, mask, dilation, object_dilation, scale=float(scale))
 
-    def flip(self, image: Any, mask: MaskLike, direction: str = "h", dilation: int = 20, object_dilation: int = 10) -> Image.Image:
+    def flip(self, image: Any, mask: MaskLike, direction: str = "h", dilation: int | None = None, object_dilation: int = 10) -> Image.Image:
         """Mirror the masked object in place: ``direction`` "h" (left-right) or "v" (up-down)."""
+        dilation = self.config.dilation if dilation is None else dilation
         if direction not in ("h", "v"):
             raise ValueError(f"direction={direction!r} must be 'h' (horizontal) or 'v' (vertical)")
         return self._transformed(image, mask, dilation, object_dilation, flip=direction)
@@ -295,8 +318,9 @@ class DesignEditor:
         layer = self._layer(self._trajectory(composite, canvas), canvas, moved, object_dilation)
         return self._edit(x, hole, dilation, [layer])
 
-    def zoom_out(self, image: Any, scale: float = 0.5, dilation: int = 30) -> Image.Image:
+    def zoom_out(self, image: Any, scale: float = 0.5, dilation: int | None = None) -> Image.Image:
         """Shrink the image by ``scale`` in (0, 1), paste it at the centre, and outpaint the border."""
+        dilation = self.config.fill_dilation if dilation is None else dilation
         check_real("scale", scale, 0.0, 1.0, low_open=True, high_open=True)
         check_pixels(dilation=dilation)
         x = load_image(image)
@@ -308,8 +332,9 @@ class DesignEditor:
         hole[top: top + size[0], left: left + size[1]] = False
         return self._edit(composite, check_mask(hole, "zoom_out border"), dilation)
 
-    def pan(self, image: Any, direction: str, amount: int, dilation: int = 30) -> Image.Image:
+    def pan(self, image: Any, direction: str, amount: int, dilation: int | None = None) -> Image.Image:
         """Pan the camera ``direction`` ("left"/"right"/"up"/"down") by ``amount`` px; the revealed strip is filled."""
+        dilation = self.config.fill_dilation if dilation is None else dilation
         if direction not in PAN_DIRECTIONS:
             raise ValueError(f"direction={direction!r} must be one of {PAN_DIRECTIONS}")
         check_pixels(dilation=dilation)
@@ -329,10 +354,11 @@ class DesignEditor:
         return self._edit(composite, hole, dilation)
 
     def compose(self, background: Any, layers: list[ObjectLayer | tuple], remove: MaskLike | list | None = None,
-                dilation: int = 20, object_dilation: int = 10) -> Image.Image:
+                dilation: int | None = None, object_dilation: int = 10) -> Image.Image:
         """Paste objects from other images onto ``background`` (each an :class:`ObjectLayer` or a tuple of its
         fields), after optionally removing ``remove`` from it. Layer images of another size are fitted in
         (aspect kept, centred, edges replicated); masks are given at each layer image's own size."""
+        dilation = self.config.dilation if dilation is None else dilation
         check_pixels(dilation=dilation, object_dilation=object_dilation)
         specs = object_layers(layers)
         x = load_image(background)

@@ -102,13 +102,13 @@ def default_model(task_name: str) -> str:
 def tiny_defaults(model: str | None, task_name: str) -> dict:
     """The built-in and tiny models only work at their small sizes: the task parameters to use unless given."""
     from attnedit.models import zoo
-    from attnedit.shapes.builtin import BUILTIN_MODELS, CALL_DEFAULTS, EDIT_DEFAULTS
+    from attnedit.shapes.builtin import BUILTIN_MODELS, CALL_DEFAULTS
 
     model = model or default_model(task_name)
     if model in BUILTIN_MODELS:
         defaults = CALL_DEFAULTS[model]
-        if task_name == "edit":
-            return dict(EDIT_DEFAULTS.get(model, {}))
+        if task_name == "edit":  # the editor reads the model's own edit settings (pipe.attnedit_defaults)
+            return {}
         out = {k: defaults[k] for k in ("width", "height", "guidance_scale") if k in defaults}
         if task_name == "video":
             out.update(frames=defaults.get("num_frames"), max_sequence_length=defaults.get("max_sequence_length"))
