@@ -31,7 +31,7 @@ def erase(scene, fraction):
     """The right ``fraction`` of the first object's box painted with the background (0.5: cut in half)."""
     image, background = scene.render(64).copy(), world.Scene((), scene.background).render(64)
     x0, y0, x1, y1 = (v * 64 for v in scene.objects[0].box)
-    cut, rows = int(round(x1 - fraction * (x1 - x0))), slice(int(y0), int(np.ceil(y1)))
+    cut, rows = round(x1 - fraction * (x1 - x0)), slice(int(y0), int(np.ceil(y1)))
     if fraction:
         image[rows, cut:int(np.ceil(x1))] = background[rows, cut:int(np.ceil(x1))]
     return image

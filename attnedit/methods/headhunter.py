@@ -11,7 +11,8 @@ every scored candidate and a rerun resumes from it; the result is a ranking JSON
 
 Objectives map an image batch ``(M, 3, H, W)`` in [0, 1] to scores ``(M,)`` (higher is better): any function,
 :class:`ClipScore` (transformers' ``CLIPModel``), :class:`AestheticScore` (a linear head on CLIP image embeddings,
-the LAION-aesthetic recipe) or :func:`colorfulness` (a hand-made image statistic, no model).
+the LAION-aesthetic recipe) or :func:`colorfulness` (a hand-made image statistic, no model); on the shapes world,
+:class:`attnedit.shapes.structure.StructureScore` (``--objective structure``).
 """
 
 from __future__ import annotations
@@ -316,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="hub id, local folder or tiny:<family>")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--objective", default="colorfulness", help="'colorfulness' or 'clip:<local CLIP folder>'")
+    parser.add_argument("--objective", default="colorfulness",
+                        help="'colorfulness', 'structure' (shapes world) or 'clip:<local CLIP folder>'")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--layers", help="layer ranges of the candidate pool, e.g. '4-12,15'")
@@ -326,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per generation")
     parser.add_argument("--workdir", default="headhunter")
     args = parser.parse_args(argv)
-    if args.objective != "colorfulness" and not args.objective.startswith("clip:"):
-        raise ValueError(f"--objective={args.objective!r}; valid: 'colorfulness' or 'clip:<path>'")
+    if args.objective not in ("colorfulness", "structure") and not args.objective.startswith("clip:"):
+        raise ValueError(f"--objective={args.objective!r}; valid: 'colorfulness', 'structure' or 'clip:<path>'")
     checks = {"--rounds": rules.integer(1, 100), "--top-k": rules.integer(1, 1000), "--steps": rules.STEPS,
               "--strength": rules.number(0, 1), "--scale": rules.number(-100, 100)}
     for name, rule in checks.items():  # one line naming the option, before any model loads
@@ -337,7 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules.check_output("--workdir", args.workdir)
     model = args.model or rules.DEFAULT_MODEL
     rules.check_model_kind(model, "heads", rules.model_kind(model))
-    objective = colorfulness if args.objective == "colorfulness" else ClipScore(args.objective[len("clip:"):])
+    if args.objective == "structure":  # the shapes world's structure score (attnedit.shapes.structure)
+        from attnedit.shapes.structure import StructureScore
+
+        objective: Objective = StructureScore()
+    else:
+        objective = colorfulness if args.objective == "colorfulness" else ClipScore(args.objective[len("clip:"):])
     pipe = load_pipeline(args.model)
     rules.check_model_kind(model, "heads", rules.pipeline_kind(pipe))
     ranking = headhunter(

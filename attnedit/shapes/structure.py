@@ -148,7 +148,7 @@ def fit_scene(image: np.ndarray, max_objects: int = 2) -> world.Scene | None:
         return None
     fits = []
     for d in found:  # moments over the blob's box grown by 2 px, so stray pixels elsewhere do not pull the fit
-        x0, y0, x1, y1 = (int(round(v * size)) for v in d.box)
+        x0, y0, x1, y1 = (round(v * size) for v in d.box)
         near = np.zeros((size, size))
         near[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = 1
         fits.append(_fit(amounts[list(world.COLOURS).index(d.colour)] * near, d.colour))
