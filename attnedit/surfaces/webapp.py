@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from attnedit.core.edits import AttentionRecorder
 from attnedit.core.install import install
 from attnedit.methods.attention_maps import token_heatmaps
+from attnedit.methods.refocusing_layout import MAX_BOXES, Layout, token_layout
+from attnedit.shapes.builtin import call_options
 from attnedit.surfaces import webapp_tabs as tabs
 from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
 from attnedit.surfaces.webapp_video_edit import video_edit_tab
@@ -24,28 +27,29 @@ MAX_STEPS = 100
 
 
 def generate_with_maps(pipe, prompt: str, seed: int, steps: int, guidance: float) -> tuple[np.ndarray, list]:
-    """Image (H, W, 3) uint8 and [(heat map uint8, token)] for each prompt token (UNet families)."""
-    if not prompt.strip():
-        raise ValueError("the prompt is empty")
+    """Image (H, W, 3) uint8 and [(heat map over the image, word)] for each prompt word: the cross-attention of
+    UNets, the image-to-text joint attention of MM-DiTs (SD3, shapes-dit), averaged over the word's tokens."""
+    prompt = tabs._check_prompt(prompt)
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps={steps} must be in 1..{MAX_STEPS}")
-    recorder = AttentionRecorder(kinds={"cross"}, branches={"cond"})
-    handle = install(pipe, recorder) if hasattr(pipe, "unet") else install(pipe)
-    with handle, torch.no_grad():
+    sd3 = getattr(pipe, "transformer", None) is not None
+    recorder = AttentionRecorder(kinds=frozenset({"joint" if sd3 else "cross"}), branches=frozenset({"cond"}),
+                                 queries="image" if sd3 else "all")
+    with install(pipe, recorder), torch.no_grad():
         result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                      generator=torch.Generator("cpu").manual_seed(int(seed)))
+                      generator=torch.Generator("cpu").manual_seed(int(seed)), **call_options(pipe))
     image = (result.images[0] * 255).round().astype(np.uint8)
     if not recorder.maps:
         return image, []
-    maps = token_heatmaps(recorder.maps, size=image.shape[:2])
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    tokens = pipe.tokenizer.convert_ids_to_tokens(ids)[1:-1]  # drop start/end
-    gallery = []
-    for index, token in enumerate(tokens, start=1):
-        heat = maps[index]
-        heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
-        gallery.append(((heat.numpy() * 255).astype(np.uint8), token.replace("</w>", "")))
-    return image, gallery
+    words = list(dict.fromkeys(w.strip(".,;:!?") for w in prompt.split() if w.strip(".,;:!?")))[:MAX_BOXES]
+    # one region per word (distinct dummy boxes: a layout refuses two phrases with one box) to find its tokens
+    layout = Layout(prompt, [(w, [(0.0, 0.0, 1.0, 1.0 - 0.01 * i)]) for i, w in enumerate(words)])
+    tokens = token_layout(pipe, layout, **call_options(pipe))
+    heat = token_heatmaps(recorder.maps, size=image.shape[:2])
+    maps = []
+    for word, members in zip(words, tokens.phrases):
+        maps.append((tabs.overlay(image, tabs._normalized(heat[[tokens.content[k] for k in members]].mean(0))), word))
+    return image, maps
 
 
 def friendly(fn):
@@ -63,8 +67,13 @@ def friendly(fn):
         kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, gr.Progress)}
         try:
             return fn(*args, **kwargs)
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
+        except ValueError as error:  # bad input: a message, no server traceback
+            raise gr.Error(str(error), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as error:  # a fault of the app or the model: logged, and still a readable message
+            logging.getLogger("attnedit.app").exception("the app failed")
+            raise gr.Error(f"{type(error).__name__}: {error}", print_exception=False) from None
 
     wrapper.__name__ = wrapper.__qualname__ = getattr(fn, "__name__", "run")  # a partial has none
     wrapper.__doc__ = fn.__doc__
@@ -78,20 +87,62 @@ def friendly(fn):
     return wrapper
 
 
+def readable_upload(component):
+    """An image input whose unreadable upload is a message ("not an image this app can read"), not a traceback."""
+    import gradio as gr
+
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError) as error:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP): {type(error).__name__}",
+                           print_exception=False) from None
+
+    component.preprocess = checked
+    return component
+
+
+ENLARGE_CSS = """<style>.enlarged img {image-rendering: pixelated; width: 100% !important; height: 100% !important;
+object-fit: contain;}</style>"""  # small built-in results shown big, nearest-neighbour
+
+
+def hint_unknown(pipe, prompt: str) -> None:
+    """A warning (not an error) naming prompt words a built-in model never saw: it reads them letter by letter."""
+    import gradio as gr
+
+    words = tabs.unknown_words(pipe, prompt)
+    if words:
+        from attnedit.shapes.world import WORDS
+
+        gr.Warning(f"this model does not know {', '.join(map(repr, words))}: it reads them letter by letter. "
+                   f"Its words: {' '.join(WORDS)}")
+
+
 def maps_tab(pipe) -> None:
     import gradio as gr
+
+    settings = tabs.model_settings(pipe)
 
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square")
             seed = gr.Number(label="Seed", value=0, precision=0)
-            steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
-            guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance scale")
+            steps = gr.Slider(1, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
+            guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
             button = gr.Button("Generate", variant="primary")
         with gr.Column():
-            image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320)
-            maps = gr.Gallery(label="Cross-attention per token", columns=4, elem_id="maps-gallery")
-    run = friendly(lambda p, s, n, g: generate_with_maps(pipe, p, int(s), int(n), float(g)))
+            image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320, elem_classes="enlarged")
+            maps = gr.Gallery(label="Attention of the image to each word", columns=4, elem_id="maps-gallery",
+                              elem_classes="enlarged")
+
+    def run(p, s, n, g):
+        hint_unknown(pipe, p)
+        return generate_with_maps(pipe, p, int(s), int(n), float(g))
+
+    run = friendly(run)
     button.click(run, [prompt, seed, steps, guidance], [image, maps], api_name="generate", concurrency_id="model")
 
 
@@ -109,6 +160,7 @@ def grounded_tab(pipe) -> None:
     import gradio as gr
 
     boxes_value = "red circle: 0.05,0.3,0.4,0.7\nblue square: 0.6,0.3,0.95,0.7"
+    settings = tabs.model_settings(pipe)
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square on a gray background",
@@ -120,18 +172,23 @@ def grounded_tab(pipe) -> None:
                                value=boxes_value, lines=4, elem_id="grounded-boxes")
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0)
-                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                steps = gr.Slider(1, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             with gr.Row():
-                refocus_steps = gr.Slider(0, MAX_STEPS, value=10, step=1, label="Refocused steps")
-                guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance scale")
+                refocus_steps = gr.Slider(0, MAX_STEPS, value=settings["steps"] // 2, step=1, label="Refocused steps")
+                guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
             button = gr.Button("Generate with layout", variant="primary", elem_id="grounded-run")
         with gr.Column():
             preview = gr.Image(label="Layout", value=tabs.preview_layout(boxes_value), height=256, interactive=False)
-            image = gr.Image(label="Image", format="png", elem_id="grounded-image", height=256)
-            maps = gr.Gallery(label="Cross-attention per phrase", columns=4, elem_id="grounded-maps", height=180)
+            image = gr.Image(label="Image", format="png", elem_id="grounded-image", height=256, elem_classes="enlarged")
+            maps = gr.Gallery(label="Attention per phrase", columns=4, elem_id="grounded-maps", height=180,
+                              elem_classes="enlarged")
     boxes.change(tabs.preview_layout, boxes, preview, queue=False, api_visibility="private")
     use_drawn.click(friendly(tabs.annotations_to_lines), canvas, boxes, api_visibility="private")
-    run = friendly(functools.partial(tabs.run_grounded, pipe))
+    def run(prompt, boxes, seed, steps, refocus_steps, guidance):
+        hint_unknown(pipe, prompt)
+        return tabs.run_grounded(pipe, prompt, boxes, seed, steps, refocus_steps, guidance)
+
+    run = friendly(run)
     button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance], [image, maps], api_name="grounded",
                  concurrency_id="model")
 
@@ -139,13 +196,14 @@ def grounded_tab(pipe) -> None:
 def edit_tab(pipe) -> None:
     import gradio as gr
 
+    settings, edit = tabs.model_settings(pipe), tabs.edit_settings(pipe)  # the model's own, at its native size
     with gr.Row():
         with gr.Column():
-            source = gr.Image(label="Image", type="numpy", sources=["upload", "clipboard"], elem_id="edit-source",
-                              height=200)
-            editor = gr.ImageEditor(label="Mask: paint over the object (or upload the image here)", type="numpy",
-                                    brush=gr.Brush(colors=["#ff0000"], default_size=12), elem_id="edit-editor",
-                                    height=320)
+            source = readable_upload(gr.Image(label="Image", type="numpy", sources=["upload", "clipboard"],
+                                              elem_id="edit-source", height=200))
+            editor = readable_upload(gr.ImageEditor(
+                label="Mask: paint over the object (or upload the image here)", type="numpy",
+                brush=gr.Brush(colors=["#ff0000"], default_size=12), elem_id="edit-editor", height=320))
             box = gr.Textbox(label="...or mask from a box: x0,y0,x1,y1 in pixels (used when set)", elem_id="edit-box")
             operation = gr.Radio(list(tabs.OPERATIONS), value="remove", label="Operation")
             with gr.Row():
@@ -153,26 +211,55 @@ def edit_tab(pipe) -> None:
                 dy = gr.Number(label="move dy (px)", value=0, precision=0)
                 scale = gr.Number(label="resize / zoom-out scale", value=0.5)
             with gr.Row():
-                direction = gr.Dropdown(list(tabs.DIRECTIONS), value="h", label="flip (h|v) / pan direction")
+                flip = gr.Dropdown(["h", "v"], value="h", label="flip direction", elem_id="edit-flip")
+                pan = gr.Dropdown(list(tabs.PAN_DIRECTIONS), value="left", label="pan direction", elem_id="edit-pan")
                 amount = gr.Number(label="pan amount (px)", value=16, precision=0)
-                steps = gr.Slider(2, MAX_STEPS, value=12, step=1, label="Steps")
+            with gr.Row():
+                growth = gr.Number(label="mask growth (px of this image; the model's default)", value=edit["growth"],
+                                   precision=0, minimum=0, elem_id="edit-growth")
+                hole_noise = gr.Slider(0.0, 1.0, value=edit["hole_noise"], step=0.05, label="fresh noise in the hole")
+                guidance = gr.Slider(1.0, 15.0, value=edit["guidance_scale"], step=0.5, label="CFG (key-mask pair)")
+            steps = gr.Slider(2, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             button = gr.Button("Edit", variant="primary", elem_id="edit-run")
         with gr.Column():
-            result = gr.Image(label="Result", format="png", elem_id="edit-image", height=320)
+            result = gr.Image(label="Result", format="png", elem_id="edit-image", height=320, elem_classes="enlarged")
+            preview = gr.Image(label="Region to repaint: mask (red) and its growth (yellow)", elem_id="edit-preview",
+                               height=200, interactive=False, elem_classes="enlarged")
 
     def paint_on(image):
         """Put the uploaded image under the brush, so the mask is painted on the image being edited."""
         return None if image is None else {"background": image, "layers": [], "composite": image}
 
-    def run(image, value, box_text, operation, dx, dy, scale, direction, amount, steps):
+    def growth_for(image, value, operation):
+        """The model's mask growth, in pixels of the image being edited (zoom-out and pan: the fill growth)."""
+        shown = tabs.edit_source(image, value)
+        return tabs.edit_settings(pipe, shown)["fill_growth" if operation in ("zoom out", "pan") else "growth"]
+
+    def mask_of(image, value, box_text):
         image = tabs.edit_source(image, value)
-        mask = tabs.parse_box(box_text)
-        mask = tabs.editor_mask(value, like=image) if mask is None else mask
-        return tabs.run_edit(pipe, image, mask, operation, dx=dx, dy=dy, scale=scale, direction=direction,
-                             amount=amount, steps=steps)
+        box = tabs.parse_box(box_text)
+        if box is None or image is None:
+            return image, tabs.editor_mask(value, like=image)
+        mask = np.zeros(image.shape[:2], bool)
+        mask[max(box[1], 0):max(box[3], 0), max(box[0], 0):max(box[2], 0)] = True
+        return image, mask
+
+    def show_region(image, value, box_text, growth):
+        image, mask = mask_of(image, value, box_text)
+        return None if image is None else tabs.mask_preview(image, mask, int(growth or 0))
+
+    def run(image, value, box_text, operation, dx, dy, scale, flip, pan, amount, steps, growth, hole_noise, guidance):
+        image, mask = mask_of(image, value, box_text)
+        return tabs.run_edit(pipe, image, mask, operation, dx=dx, dy=dy, scale=scale, flip=flip, pan=pan,
+                             amount=amount, steps=steps, growth=growth, hole_noise=hole_noise,
+                             guidance_scale=guidance)
 
     source.upload(paint_on, source, editor, queue=False, api_visibility="private")
-    inputs = [source, editor, box, operation, dx, dy, scale, direction, amount, steps]
+    for event in (source.upload, operation.change):
+        event(friendly(growth_for), [source, editor, operation], growth, queue=False, api_visibility="private")
+    for event in (box.change, growth.change, source.upload):
+        event(friendly(show_region), [source, editor, box, growth], preview, api_visibility="private")
+    inputs = [source, editor, box, operation, dx, dy, scale, flip, pan, amount, steps, growth, hole_noise, guidance]
     button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model")
 
 
@@ -209,6 +296,8 @@ def video_tab(pipe) -> None:
             "Radial attention needs a video model (Wan, HunyuanVideo). This app's model is not one, so the tab "
             "loads the built-in shapes-t2v model (a small trained Wan) on the first run.")
     cached = {"pipe": pipe if own else None}
+    # the model's own frames and size: its trained 9 frames at 32 px for the built-in video model
+    video = tabs.model_settings(pipe) if own else tabs.builtin_video_settings()
     with gr.Row():
         with gr.Column():
             gr.Markdown(note)
@@ -221,20 +310,26 @@ def video_tab(pipe) -> None:
                 decay = gr.Number(label="Decay", value=0.2)
                 block = gr.Dropdown([16, 32, 64, 128], value=128 if own else 64, label="Block size")
             with gr.Row():
-                frames = gr.Number(label="Frames", value=33 if own else 17, precision=0)
-                height = gr.Number(label="Height", value=480 if own else 32, precision=0)
-                width = gr.Number(label="Width", value=832 if own else 32, precision=0)
+                frames = gr.Number(label="Frames", value=video["frames"], precision=0, minimum=1,
+                                   maximum=4 * video["frames"], step=video["temporal"])
+                height = gr.Number(label="Height", value=video["height"], precision=0, minimum=video["multiple"],
+                                   maximum=video["max_size"], step=video["multiple"])
+                width = gr.Number(label="Width", value=video["width"], precision=0, minimum=video["multiple"],
+                                  maximum=video["max_size"], step=video["multiple"])
             with gr.Row():
                 steps = gr.Slider(1, MAX_STEPS, value=30 if own else 20, step=1, label="Steps")
                 seed = gr.Number(label="Seed", value=0, precision=0)
             button = gr.Button("Generate video", variant="primary", elem_id="video-run")
         with gr.Column():
             video = gr.Video(label="Video", elem_id="video-out", visible=tabs.has_video_export())
-            gallery = gr.Gallery(label="Frames", columns=5, elem_id="video-frames", height="auto")
+            gallery = gr.Gallery(label="Frames", columns=5, elem_id="video-frames", height="auto",
+                                 elem_classes="enlarged")
 
     def run(prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed):
-        if cached["pipe"] is None:
+        if cached["pipe"] is None:  # the sizes are checked against the model that will run
             cached["pipe"] = tabs.load_tiny_video_pipeline()
+        hint_unknown(cached["pipe"], prompt)
+        tabs.check_size(cached["pipe"], width, height, frames)
         out = tabs.run_video(cached["pipe"], prompt, radial=radial, dense_steps=dense_steps, dense_layers=dense_layers,
                              decay=decay, block_size=block, frames=frames, height=height, width=width, steps=steps,
                              seed=seed)
@@ -249,6 +344,7 @@ def build_app(pipe, model_name: str):
 
     with gr.Blocks(title="attnedit") as demo:
         gr.Markdown(f"# attnedit\nModel: `{model_name}`. Edit what the model attends to.")
+        gr.HTML(ENLARGE_CSS, padding=False)
         with gr.Tab("Attention maps"):
             maps_tab(pipe)
         with gr.Tab("Grounded generation"):

@@ -7,6 +7,7 @@ are tested without a browser; :mod:`attnedit.surfaces.webapp` lays out the Gradi
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,16 +22,21 @@ from attnedit.methods.head_guidance import load_heads, perturbed_guidance
 from attnedit.methods.radial import RadialAttention
 from attnedit.methods.refocusing import Layout, RefocusConfig, Region, token_layout
 from attnedit.models.zoo import denoiser
-from attnedit.pipelines.design_edit import PAN_DIRECTIONS, DesignEditConfig, DesignEditor
+from attnedit.pipelines.design_edit import PAN_DIRECTIONS, DesignEditConfig, DesignEditor  # noqa: F401
 from attnedit.pipelines.radial import generate_radial
 from attnedit.pipelines.refocusing import refocus
-from attnedit.shapes.builtin import call_options, edit_options
+from attnedit.shapes.builtin import call_options
+from attnedit.surfaces.webapp_defaults import (  # noqa: F401  (the app reads them as tabs.*)
+    builtin_video_settings,
+    check_size,
+    model_settings,
+    unknown_words,
+)
 
 MAX_STEPS = 100
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 OPERATIONS = ("remove", "move", "resize", "flip", "zoom out", "pan")
 VIDEO_FAMILIES = ("wan", "hunyuan_video")
-DIRECTIONS = ("h", "v", *PAN_DIRECTIONS)  # flip, then pan
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -45,6 +51,13 @@ def _uint8(image: np.ndarray) -> np.ndarray:
 def _normalized(heat: torch.Tensor) -> np.ndarray:
     heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
     return (heat.numpy() * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """A uint8 heat map (H, W) laid over ``image`` (H, W, 3) as a red-yellow glow on the dimmed picture."""
+    h = heat.astype(np.float32)[..., None] / 255
+    glow = np.concatenate([np.ones_like(h), h, np.zeros_like(h)], -1) * 255
+    return (0.45 * image[..., :3] + 0.55 * (h * glow + (1 - h) * 0.3 * image[..., :3])).round().astype(np.uint8)
 
 
 def _check_steps(steps: int) -> int:
@@ -99,7 +112,7 @@ class _DetachedRecorder(AttentionRecorder):
 def run_grounded(pipe: Any, prompt: str, boxes: str, seed: int, steps: int, refocus_steps: int,
                  guidance: float) -> tuple[np.ndarray, list]:
     """Refocused image (H, W, 3) uint8 and [(heat map, phrase)] averaged over each phrase's tokens."""
-    layout = parse_layout(prompt, boxes).with_phrases_in_prompt()
+    layout = check_phrases(parse_layout(prompt, boxes))
     config = RefocusConfig(refocus_steps=int(refocus_steps))
     sd3 = getattr(pipe, "transformer", None) is not None
     recorder = _DetachedRecorder(kinds=frozenset({"joint" if sd3 else "cross"}), branches=frozenset({"cond"}),
@@ -112,8 +125,20 @@ def run_grounded(pipe: Any, prompt: str, boxes: str, seed: int, steps: int, refo
     maps = []
     for region, members in zip(layout.regions, tokens.phrases):
         positions = [tokens.content[i] for i in members]
-        maps.append((_normalized(heat[positions].mean(dim=0)), region.phrase))
+        maps.append((overlay(image, _normalized(heat[positions].mean(dim=0))), region.phrase))
     return image, maps
+
+
+def check_phrases(layout: Layout) -> Layout:
+    """ValueError for a box still labelled "phrase" (the canvas's placeholder) and for phrases the prompt does not
+    contain (their tokens would be appended to the prompt behind the user's back)."""
+    for region in layout.regions:
+        if region.phrase.strip().lower() == "phrase":
+            raise ValueError("a box is still labelled 'phrase': name each box with its phrase from the prompt")
+        if region.phrase.lower() not in layout.prompt.lower():
+            raise ValueError(f"phrase {region.phrase!r} is not in the prompt {layout.prompt!r}: use the prompt's "
+                             "words for each box, or add the phrase to the prompt")
+    return layout
 
 
 CANVAS = 512  # pixels of the blank canvas boxes are drawn on
@@ -196,33 +221,82 @@ def parse_box(text: str) -> list[int] | None:
     return box
 
 
+def edit_settings(pipe: Any, image: np.ndarray | None = None) -> dict:
+    """The Edit tab's starting values, from the model's own edit settings: mask growth (``growth``; zoom-out and
+    pan: ``fill_growth``) in pixels of ``image`` (the model's are at its native size), hole noise and CFG."""
+    editor = DesignEditor(pipe, DesignEditConfig(num_steps=2))
+    scale = (max(image.shape[:2]) if image is not None else editor.native) / editor.native
+    return {"growth": round(editor.config.dilation * scale), "fill_growth": round(editor.config.fill_dilation * scale),
+            "hole_noise": editor.config.hole_noise, "guidance_scale": editor.config.guidance_scale}
+
+
+def grown_mask(mask: np.ndarray, growth: int) -> np.ndarray:
+    """Bool (H, W) ``mask`` grown by a ``growth``-pixel square kernel (what the hole becomes)."""
+    from attnedit.methods.key_masking import dilate_kernel
+
+    return dilate_kernel(torch.as_tensor(np.asarray(mask, bool)), int(growth)).numpy()
+
+
+def mask_preview(image: np.ndarray, mask: np.ndarray | None, growth: int) -> np.ndarray:
+    """``image`` with the mask tinted red and its growth yellow: the region the edit will repaint."""
+    out = np.asarray(image[..., :3], np.float32).copy()
+    if mask is None:
+        return out.astype(np.uint8)
+    mask = np.asarray(mask, bool)
+    grown = grown_mask(mask, growth) & ~mask
+    for region, colour in ((grown, (255, 210, 0)), (mask, (255, 0, 0))):
+        out[region] = 0.45 * out[region] + 0.55 * np.array(colour, np.float32)
+    return out.round().astype(np.uint8)
+
+
 def run_edit(pipe: Any, image: np.ndarray | None, mask: Any, operation: str, *, dx: int = 0, dy: int = 0,
-             scale: float = 0.5, direction: str = "h", amount: int = 16, steps: int = 12) -> np.ndarray:
-    """Apply one DesignEdit ``operation`` to uint8 (H, W, 3) ``image``; ``mask`` is a bool array or pixel box."""
+             scale: float = 0.5, flip: str = "h", pan: str = "left", amount: int = 16, steps: int = 12,
+             growth: int | None = None, hole_noise: float | None = None,
+             guidance_scale: float | None = None) -> np.ndarray:
+    """Apply one DesignEdit ``operation`` to uint8 (H, W, 3) ``image``; ``mask`` is a bool array or pixel box.
+
+    ``growth`` (mask growth in pixels of ``image``), ``hole_noise`` and ``guidance_scale``: None takes the model's.
+    """
     if image is None:
         raise ValueError("upload an image first")
     if operation not in OPERATIONS:
         raise ValueError(f"operation={operation!r} must be one of {OPERATIONS}")
     if mask is None and operation not in ("zoom out", "pan"):
         raise ValueError(f"'{operation}' needs a mask: paint over the object or give a box x0,y0,x1,y1")
-    editor = DesignEditor(pipe, DesignEditConfig(num_steps=_check_steps(steps), **edit_options(pipe)))
+    config = DesignEditConfig(num_steps=_check_steps(steps), hole_noise=hole_noise, guidance_scale=guidance_scale)
+    editor = DesignEditor(pipe, config)
     image = np.ascontiguousarray(image[..., :3].astype(np.uint8))
+    if growth is not None and (int(growth) != growth or growth < 0):
+        raise ValueError(f"mask growth={growth} must be a non-negative whole number of pixels")
+    px = None if growth is None else round(int(growth) * editor.native / max(image.shape[:2]))
     ops = {
-        "remove": lambda: editor.remove(image, mask),
-        "move": lambda: editor.move(image, mask, dx=int(dx), dy=int(dy)),
-        "resize": lambda: editor.resize(image, mask, scale=float(scale)),
-        "flip": lambda: editor.flip(image, mask, direction=direction),
-        "zoom out": lambda: editor.zoom_out(image, scale=float(scale)),
-        "pan": lambda: editor.pan(image, direction, int(amount)),
+        "remove": lambda: editor.remove(image, mask, dilation=px),
+        "move": lambda: editor.move(image, mask, dx=int(dx), dy=int(dy), dilation=px),
+        "resize": lambda: editor.resize(image, mask, scale=float(scale), dilation=px),
+        "flip": lambda: editor.flip(image, mask, direction=flip, dilation=px),
+        "zoom out": lambda: editor.zoom_out(image, scale=float(scale), dilation=px),
+        "pan": lambda: editor.pan(image, pan, int(amount), dilation=px),
     }
     return np.asarray(ops[operation]())
 
 
 # -------------------------------------------------------------------------------------------- head guidance
+def check_heads_text(text: str) -> str:
+    """The head text box takes head syntax or a preset name, never a path: a path would open a file on the server
+    (a ranking file is uploaded instead)."""
+    from attnedit.methods.head_guidance import head_presets
+
+    text = (text or "").strip()
+    if text in head_presets() or re.fullmatch(r"[LlHh0-9:*,\s]*", text):
+        return text
+    raise ValueError(f"heads {text[:60]!r}: give head syntax ('L1H0,L1H1', '1:0', 'L1') or a preset name "
+                     f"({', '.join(head_presets())}); upload a ranking JSON instead of typing a path")
+
+
 def run_head_guidance(pipe: Any, prompt: str, heads: str, ranking: str | None, seed: int, steps: int,
                       guidance: float, scale: float, strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """(without, with) SoftPAG on ``heads`` (or the ranking file's heads), same seed."""
-    spec = load_heads(ranking) if ranking else heads.strip()
+    """(without, with) SoftPAG on ``heads`` (or the uploaded ranking file's heads), same seed."""
+    spec = load_heads(ranking) if ranking else check_heads_text(heads)
     if not spec:
         raise ValueError("give heads, e.g. 'L1H0,L1H1' or '1:0', or upload a HeadHunter ranking JSON")
     kwargs = {"prompt": _check_prompt(prompt), "num_inference_steps": _check_steps(steps),
@@ -270,10 +344,16 @@ def frames_to_video(frames: list[np.ndarray], fps: int = 8) -> str | None:
     """An mp4 path when :func:`has_video_export`, else None (the gallery shows the frames)."""
     if not has_video_export():
         return None
+    import atexit
+    import shutil
     import tempfile
 
     from diffusers.utils import export_to_video
 
-    with tempfile.NamedTemporaryFile(suffix=".mp4", delete=False) as file:
-        path = file.name
-    return export_to_video([f.astype(np.float32) / 255 for f in frames], path, fps=fps)
+    if not _VIDEO_DIR:  # one file, rewritten per request (Gradio copies it into its cache), removed at exit
+        _VIDEO_DIR.append(tempfile.mkdtemp(prefix="attnedit-video-"))
+        atexit.register(shutil.rmtree, _VIDEO_DIR[0], True)
+    return export_to_video([f.astype(np.float32) / 255 for f in frames], f"{_VIDEO_DIR[0]}/video.mp4", fps=fps)
+
+
+_VIDEO_DIR: list[str] = []

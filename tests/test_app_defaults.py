@@ -1,0 +1,70 @@
+"""The app's helpers without a browser: the model's own defaults, refused inputs and the grown-mask preview."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnedit.shapes import builtin, world
+from attnedit.surfaces import webapp_tabs as tabs
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    return builtin.load_builtin("shapes-t2i")
+
+
+def test_the_controls_start_at_the_models_own_settings(t2i):
+    """CFG 4 and 20 steps as the CLI; the edit's mask growth is the model's 5 native px, scaled to the image
+    (20 px on a 256 px upload); the video tab starts at shapes-t2v's trained 9 frames."""
+    settings = tabs.model_settings(t2i)
+    assert (settings["guidance_scale"], settings["steps"], settings["width"], settings["multiple"]) == (4.0, 20, 64, 16)
+    assert tabs.edit_settings(t2i) == {"growth": 5, "fill_growth": 0, "hole_noise": 1.0, "guidance_scale": 1.0}
+    assert tabs.edit_settings(t2i, np.zeros((256, 256, 3), np.uint8))["growth"] == 20
+    assert tabs.builtin_video_settings()["frames"] == 9
+
+
+@pytest.mark.parametrize("width, height, frames, message", [(70, 64, None, "width=70 must be a multiple of 16"),
+                                                            (64, 1024, None, "height=1024"),
+                                                            (64, 64, 4, "frames=4 must be 1 \\+ a multiple")])
+def test_sizes_the_model_cannot_take_are_refused(t2i, width, height, frames, message):
+    with pytest.raises(ValueError, match=message):
+        tabs.check_size(t2i, width, height, frames)
+
+
+@pytest.mark.parametrize("boxes, message", [("phrase: 0.1,0.1,0.5,0.5", "still labelled 'phrase'"),
+                                            ("green triangle: 0.1,0.1,0.5,0.5", "'green triangle' is not in the prompt")])
+def test_grounded_boxes_need_phrases_of_the_prompt(boxes, message):
+    with pytest.raises(ValueError, match=message):
+        tabs.check_phrases(tabs.parse_layout("a red circle and a blue square", boxes))
+
+
+def test_unknown_words_of_a_builtin_are_named(t2i):
+    assert tabs.unknown_words(t2i, "a red dog and a blue square") == ["dog"]
+
+
+@pytest.mark.parametrize("text", ["/etc/passwd", "../ranking.json", "C:\\heads.json", "heads.json"])
+def test_the_head_text_box_never_opens_a_path(text):
+    with pytest.raises(ValueError, match="upload a ranking JSON instead"):
+        tabs.check_heads_text(text)
+
+
+def test_the_head_text_box_takes_syntax_and_presets():
+    assert tabs.check_heads_text(" L1H0, L1H1 ") == "L1H0, L1H1"
+    assert tabs.check_heads_text("shapes-t2i") == "shapes-t2i"
+
+
+def test_mask_preview_shows_the_mask_and_its_growth():
+    image = np.full((64, 64, 3), 100, np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:30, 20:30] = True
+    preview = tabs.mask_preview(image, mask, 6)
+    assert preview[25, 25, 0] > 180 and preview[25, 25, 1] < 80  # red inside the mask
+    assert preview[18, 25, 1] > 150 and preview[10, 25].tolist() == [100, 100, 100]  # yellow ring, then untouched
+    assert tabs.grown_mask(mask, 6).sum() == 15 * 15  # the editor's kernel: 6 px wide, 5 more rows and columns
+
+
+def test_default_removal_in_the_app_removes_the_object_and_keeps_the_other(t2i):
+    scene = world.Scene((world.Shape("square", "green", "big", 0.3, 0.5), world.Shape("circle", "yellow", "small", 0.7, 0.5)))
+    out = tabs.run_edit(t2i, scene.render(64), scene.masks(64)[0], "remove", steps=tabs.model_settings(t2i)["steps"])
+    assert "green" not in world.detect(out) and world.fidelity(out, world.Scene(scene.objects[1:])) == 1.0
