@@ -151,7 +151,11 @@ def fit_scene(image: np.ndarray, max_objects: int = 2) -> world.Scene | None:
         x0, y0, x1, y1 = (round(v * size) for v in d.box)
         near = np.zeros((size, size))
         near[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = 1
-        fits.append(_fit(amounts[list(world.COLOURS).index(d.colour)] * near, d.colour))
+        amount = amounts[list(world.COLOURS).index(d.colour)] * near
+        if amount.sum() > 0:  # a blob of the colour has some of its chroma; guard against a 0 area anyway
+            fits.append(_fit(amount, d.colour))
+    if not fits:
+        return None
     return world.Scene(tuple(fits), _background(image, world.colour_labels(image) >= 0))
 
 
