@@ -38,7 +38,8 @@ from PIL import Image, ImageDraw
 
 from attnedit.shapes import world
 
-__all__ = ["Structure", "StructureScore", "distribution_distance", "fit_scene", "structure", "structure_score"]
+__all__ = ["FittedShape", "Structure", "StructureScore", "coverage", "distribution_distance", "fit_scene", "soft_iou",
+           "structure", "structure_score"]
 
 PSNR_RANGE = (12.0, 32.0)  # dB mapped to 0 and 1
 _FILL = {"circle": math.pi / 4, "square": 0.88 ** 2, "triangle": 0.5}  # shape area / side^2 (square: 6 % inset)
@@ -58,7 +59,7 @@ class FittedShape(world.Shape):
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
-    """The parts of the structure score: the fitted scene, per-object mask IoU, PSNR (dB) and the score."""
+    """The parts of the structure score: the fitted scene (None: no object blob), coverage IoU, PSNR and score."""
 
     scene: world.Scene | None
     iou: float  # soft IoU of the image's colour coverage with the fitted scene's, all colours together
