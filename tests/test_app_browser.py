@@ -72,7 +72,7 @@ def shoot(page, tmp_path, name: str) -> None:
 
 def open_tab(page, name: str) -> None:
     close_toasts(page)
-    page.get_by_role("tab", name=name).click()
+    page.get_by_role("tab", name=name, exact=True).click()
 
 
 def run_and_wait(page, button, selector: str, timeout: int = 120_000) -> int:
@@ -86,12 +86,29 @@ def run_and_wait(page, button, selector: str, timeout: int = 120_000) -> int:
     return image.evaluate("img => img.naturalWidth")
 
 
+def shown_image(page, selector: str):
+    """The image the browser shows under ``selector``, as a uint8 (H, W, 3) array (what the detector judges)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    src = page.locator(f"{selector} img").first.get_attribute("src")
+    data = base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:") else page.request.get(src).body()
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def test_generation_shows_an_image_and_token_maps(page, tmp_path):
     open_tab(page, "Attention maps")
     page.get_by_label("Prompt").first.fill("a red circle")
     assert run_and_wait(page, page.get_by_role("button", name="Generate", exact=True), "#maps-image") == 64
     page.locator("#maps-gallery img").first.wait_for(state="visible", timeout=60_000)
     assert page.locator("#maps-gallery img").count() >= 3
+    # the 64 px result is shown enlarged, nearest-neighbour
+    shown = page.locator("#maps-image img").first.evaluate(
+        "img => [img.getBoundingClientRect().width, getComputedStyle(img).imageRendering]")
+    assert shown[0] >= 4 * 64 and shown[1] == "pixelated"
     shoot(page, tmp_path, "attention-maps")
 
 
@@ -105,9 +122,13 @@ def test_bad_input_shows_a_message(page):
 def test_grounded_generation_shows_image_and_phrase_maps(page, tmp_path):
     open_tab(page, "Grounded generation")
     page.locator("#grounded-boxes textarea").fill("red circle: 0.05,0.2,0.5,0.9\nblue square: 0.5,0.3,0.95,0.95")
+    from attnedit.shapes import world
+
     assert run_and_wait(page, page.locator("#grounded-run"), "#grounded-image") == 64
     page.locator("#grounded-maps img").first.wait_for(state="visible", timeout=60_000)
     assert page.locator("#grounded-maps img").count() == 2
+    found = world.detect(shown_image(page, "#grounded-image"))  # each object in its box
+    assert world.in_box(found.get("red"), (0.05, 0.2, 0.5, 0.9)) and world.in_box(found.get("blue"), (0.5, 0.3, 0.95, 0.95))
     shoot(page, tmp_path, "grounded-generation")
 
 
@@ -137,7 +158,20 @@ def test_edit_uploads_an_image_and_removes_a_box(page, tmp_path):
     assert not error.count(), error.first.inner_text()
     page.wait_for_function("() => document.querySelector('#edit-image img')?.naturalWidth > 0", timeout=120_000)
     assert result.evaluate("img => img.naturalWidth") == 64
+    found = world.detect(shown_image(page, "#edit-image"))  # the default removal: the circle gone, the square kept
+    assert "red" not in found and found["blue"].shape == "square"
+    page.locator("#edit-preview img").first.wait_for(state="visible", timeout=60_000)  # the grown mask's preview
+    page.wait_for_load_state("networkidle")
     shoot(page, tmp_path, "edit")
+
+
+def test_an_unreadable_upload_is_a_message(page, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("this is text, not a PNG")
+    open_tab(page, "Edit")
+    page.locator("#edit-source input[type=file]").set_input_files(str(bad))
+    page.wait_for_selector("text=is not an image this app can read", timeout=60_000)
+    close_toasts(page)
 
 
 def test_head_guidance_shows_both_images(page, tmp_path):
@@ -147,10 +181,19 @@ def test_head_guidance_shows_both_images(page, tmp_path):
     shoot(page, tmp_path, "head-guidance")
 
 
+def test_the_head_text_box_refuses_a_path(page):
+    open_tab(page, "Head guidance")
+    page.get_by_label("Heads ('L1H0,L1H1'").fill("/etc/passwd")
+    page.locator("#guidance-run").click()
+    page.wait_for_selector("text=upload a ranking JSON instead", timeout=60_000)
+    page.get_by_label("Heads ('L1H0,L1H1'").fill("L1H0,L1H1")
+    close_toasts(page)
+
+
 def test_video_tab_loads_the_builtin_video_model_and_shows_frames(page, tmp_path):
     open_tab(page, "Video")
     run_and_wait(page, page.locator("#video-run"), "#video-frames")
-    assert page.locator("#video-frames img").count() == 17
+    assert page.locator("#video-frames img").count() == 9  # the frames shapes-t2v was trained on
     shoot(page, tmp_path, "video")
 
 

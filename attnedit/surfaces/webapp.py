@@ -258,7 +258,8 @@ def edit_tab(pipe) -> None:
     for event in (source.upload, operation.change):
         event(friendly(growth_for), [source, editor, operation], growth, queue=False, api_visibility="private")
     for event in (box.change, growth.change, source.upload):
-        event(friendly(show_region), [source, editor, box, growth], preview, api_visibility="private")
+        event(friendly(show_region), [source, editor, box, growth], preview, api_visibility="private",
+              trigger_mode="always_last")
     inputs = [source, editor, box, operation, dx, dy, scale, flip, pan, amount, steps, growth, hole_noise, guidance]
     button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model")
 
