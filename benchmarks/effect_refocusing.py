@@ -6,7 +6,10 @@ tells the model the positions. Each phrase ("red circle") gets its ground-truth 
 sampling start from the same seed; the world's colour detector finds each object in the output. An object
 *lands in its box* when the centre of its colour blob is inside the box (grown by 0.05). Also reported: how often
 the object is present at all, its shape is right, the IoU of the detected and the target box, and the cost.
-Run: ``flock /tmp/attnedit-bench.lock python benchmarks/effect_refocusing.py`` (about 5 minutes on 2 CPU cores).
+Refocusing follows ``--schedule`` (default: the default named schedule, ``ce0439c``) read at ``i * 50 // steps``.
+Run: ``flock /tmp/attnedit-bench.lock python benchmarks/effect_refocusing.py`` (several times the plain sampling time:
+up to 44 updates in 20 steps); ``--first K --layouts N --out part_K`` runs a part and ``--merge part_*.json --out
+NAME`` joins the parts' per-layout scores into one results file.
 """
 
 from __future__ import annotations

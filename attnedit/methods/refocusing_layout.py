@@ -17,17 +17,21 @@ MAX_BOXES = 30  # every family: GLIGEN's limit, and more boxes than cells of a 1
 CLIP_TOKENS = 77
 
 
+def _is_number(v: Any) -> bool:
+    """A real number: Python, NumPy or a 0-d tensor; not a bool or a string."""
+    return not isinstance(v, (bool, str, bytes)) and (isinstance(v, numbers.Real) or getattr(v, "shape", None) == ())
+
+
 def _parse_boxes(phrase: str, boxes: Any) -> tuple[Box, ...]:
     """``boxes`` (one box or a sequence of boxes) -> tuple of float 4-tuples, each checked."""
     if boxes is None or isinstance(boxes, (str, bytes, dict)) or not hasattr(boxes, "__iter__"):
         raise ValueError(f"phrase {phrase!r} has no box (boxes={boxes!r}); give a list of (x0, y0, x1, y1) in [0, 1]")
     boxes = list(boxes)
-    if boxes and all(isinstance(v, numbers.Real) for v in boxes):
+    if boxes and all(_is_number(v) for v in boxes):
         boxes = [boxes]  # a single box
     parsed = []
     for b in boxes:
-        numeric = hasattr(b, "__iter__") and not isinstance(b, (str, bytes, dict)) and \
-            all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in b)
+        numeric = hasattr(b, "__iter__") and not isinstance(b, (str, bytes, dict)) and all(_is_number(v) for v in b)
         box = tuple(float(v) for v in b) if numeric else None
         if box is None or len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
             shown = box if box is not None else b
