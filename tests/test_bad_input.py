@@ -51,6 +51,7 @@ CLI_CASES = [  # (arguments, what the one line must say); {out} is a fresh path 
     (["generate", "a cat", "--height", "abc"], "argument --height: invalid int value: 'abc'"),
     (["generate", "a cat", "--steps", "0"], "--steps=0"),
     (["generate", "a cat", "--steps", "-5"], "--steps=-5"),
+    (["generate", "a cat", "--steps", "1000"], "steps=1000 must be below this model's scheduler's num_train_timesteps"),
     (["generate", "a cat", "--guidance", "nan"], "--guidance=nan must be a finite number"),
     (["generate", "a cat", "--guidance", "inf"], "--guidance=inf"),
     (["generate", "a cat", "--seed", "-1"], "--seed=-1"),

@@ -255,7 +255,7 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
     params = check_params("generate", params)
     layout = _layout(params)
     prompt = params.get("prompt") or (layout.prompt if layout else "")
-    steps = int(params.get("steps", 30))
+    steps = _check_steps(pipe, int(params.get("steps", 30)))
     from attnedit.shapes.builtin import call_options
 
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height") if k in params}
@@ -272,6 +272,14 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
             return _refocused(pipe, layout, prompt, steps, generator, params, kwargs)
         return pipe(prompt, num_inference_steps=steps, generator=generator,
                     num_images_per_prompt=int(params.get("num_images", 1)), **kwargs).images
+
+
+def _check_steps(pipe: Any, steps: int) -> int:
+    """Fewer steps than the scheduler's training timesteps (DDIM at 1000 of 1000 indexes past its table)."""
+    limit = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
+    if isinstance(limit, int) and steps >= limit:
+        raise ValueError(f"steps={steps} must be below this model's scheduler's num_train_timesteps={limit}")
+    return steps
 
 
 def _layout(params: dict[str, Any]) -> Any:
@@ -310,7 +318,7 @@ def edit_task(pipe: Any, params: dict[str, Any]) -> list:
     optional = {k: float(params[k]) for k in ("guidance_scale", "hole_noise") if params.get(k) is not None}
     if "fill_dilation" in params:  # zoom-out/pan's mask growth (the built-ins' edit defaults set it)
         optional["fill_dilation"] = int(params["fill_dilation"])
-    config = DesignEditConfig(num_steps=int(params.get("steps", 50)), **optional)  # unset: the family's defaults
+    config = DesignEditConfig(num_steps=_check_steps(pipe, int(params.get("steps", 50))), **optional)  # unset: the family's defaults
     editor, image, mask = DesignEditor(pipe, config), params["image"], _mask_value(params.get("mask"))
     extra = {"dilation": int(params["dilation"])} if "dilation" in params else {}
     if operation == "remove":
@@ -349,7 +357,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     params = check_params("video", params)
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height", "max_sequence_length")
               if k in params}
-    kwargs.update(num_inference_steps=int(params.get("steps", 30)), output_type="np",
+    kwargs.update(num_inference_steps=_check_steps(pipe, int(params.get("steps", 30))), output_type="np",
                   generator=torch.Generator("cpu").manual_seed(int(params.get("seed", 0))))
     if "frames" in params:
         kwargs["num_frames"] = int(params["frames"])
