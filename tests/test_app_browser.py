@@ -109,6 +109,12 @@ def test_generation_shows_an_image_and_token_maps(page, tmp_path):
     shown = page.locator("#maps-image img").first.evaluate(
         "img => [img.getBoundingClientRect().width, getComputedStyle(img).imageRendering]")
     assert shown[0] >= 4 * 64 and shown[1] == "pixelated"
+    # a random seed: the one used is shown back in the seed box
+    page.locator("#maps-random input").check()
+    run_and_wait(page, page.get_by_role("button", name="Generate", exact=True), "#maps-image")
+    page.wait_for_function("() => Number(document.querySelector('#maps-seed input').value) > 0", timeout=60_000)
+    page.locator("#maps-random input").uncheck()
+    page.locator("#maps-seed input").fill("0")
     shoot(page, tmp_path, "attention-maps")
 
 

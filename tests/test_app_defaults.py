@@ -68,3 +68,9 @@ def test_default_removal_in_the_app_removes_the_object_and_keeps_the_other(t2i):
     scene = world.Scene((world.Shape("square", "green", "big", 0.3, 0.5), world.Shape("circle", "yellow", "small", 0.7, 0.5)))
     out = tabs.run_edit(t2i, scene.render(64), scene.masks(64)[0], "remove", steps=tabs.model_settings(t2i)["steps"])
     assert "green" not in world.detect(out) and world.fidelity(out, world.Scene(scene.objects[1:])) == 1.0
+
+
+def test_a_random_seed_is_a_whole_number_and_bad_seeds_are_refused():
+    assert 0 <= tabs.pick_seed(0, True) < 2**31 and tabs.pick_seed(7.0) == 7
+    with pytest.raises(ValueError, match="seed=1.5"):
+        tabs.pick_seed(1.5)

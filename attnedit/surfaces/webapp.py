@@ -129,7 +129,10 @@ def maps_tab(pipe) -> None:
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square")
-            seed = gr.Number(label="Seed", value=0, precision=0)
+            with gr.Row():
+                seed = gr.Number(label="Seed (the one used is shown after each run)", value=0, precision=0,
+                                 elem_id="maps-seed")
+                randomize = gr.Checkbox(label="random seed", value=False, elem_id="maps-random")
             steps = gr.Slider(1, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
             button = gr.Button("Generate", variant="primary")
@@ -138,12 +141,14 @@ def maps_tab(pipe) -> None:
             maps = gr.Gallery(label="Attention of the image to each word", columns=4, elem_id="maps-gallery",
                               elem_classes="enlarged")
 
-    def run(p, s, n, g):
+    def run(p, s, n, g, r):
         hint_unknown(pipe, p)
-        return generate_with_maps(pipe, p, int(s), int(n), float(g))
+        s = tabs.pick_seed(s, r)
+        return (*generate_with_maps(pipe, p, s, int(n), float(g)), s)
 
     run = friendly(run)
-    button.click(run, [prompt, seed, steps, guidance], [image, maps], api_name="generate", concurrency_id="model")
+    button.click(run, [prompt, seed, steps, guidance, randomize], [image, maps, seed], api_name="generate",
+                 concurrency_id="model")
 
 
 def _box_canvas():

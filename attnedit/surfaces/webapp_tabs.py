@@ -60,6 +60,17 @@ def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return (0.45 * image[..., :3] + 0.55 * (h * glow + (1 - h) * 0.3 * image[..., :3])).round().astype(np.uint8)
 
 
+def pick_seed(seed: float | None, randomize: bool = False) -> int:
+    """The seed a run uses: a fresh random one when asked (then shown back in the seed box), else ``seed``."""
+    if randomize:
+        import random
+
+        return random.randrange(2**31)
+    if seed is None or int(seed) != seed or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed} must be a whole number >= 0 (or tick 'random seed')")
+    return int(seed)
+
+
 def _check_steps(steps: int) -> int:
     if not 1 <= int(steps) <= MAX_STEPS:
         raise ValueError(f"steps={steps} must be in 1..{MAX_STEPS}")
