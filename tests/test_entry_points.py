@@ -27,7 +27,7 @@ def test_generate_with_maps_gives_one_map_per_token(tiny_pipe):
     image, gallery = generate_with_maps(tiny_pipe("sd15"), "a red circle", seed=0, steps=2, guidance=5.0)
     assert image.dtype == np.uint8 and image.shape[-1] == 3
     assert [label for _, label in gallery] == ["a", "red", "circle"]
-    assert all(heat.shape == image.shape[:2] for heat, _ in gallery)
+    assert all(heat.shape == image.shape and heat.dtype == np.uint8 for heat, _ in gallery)  # maps laid over the image
 
 
 @pytest.mark.parametrize("prompt, steps, message", [("  ", 2, "prompt is empty"), ("a cat", 0, "steps=0")])
@@ -53,7 +53,7 @@ def test_generate_writes_png_with_parameters(tmp_path):
 
 def test_generate_bad_steps_exits_2(tmp_path, capsys):
     assert main(["generate", "a red cat", "--out", str(tmp_path / "x.png"), "--steps", "0"]) == 2
-    assert "steps=0 must be >= 1" in capsys.readouterr().err
+    assert "--steps=0 must be an integer in [1, 1000]" in capsys.readouterr().err
 
 
 # -- the app's method tabs (attnedit.surfaces.webapp_tabs), without a browser ------------------------------------------
@@ -86,7 +86,7 @@ def test_grounded_gives_an_image_and_one_map_per_phrase(tiny_pipe):
 
     image, maps = run_grounded(tiny_pipe("sd15"), "a cat and a dog", BOXES, seed=0, steps=3, refocus_steps=2, guidance=7.5)
     assert image.shape == (64, 64, 3) and [label for _, label in maps] == ["a cat", "a dog"]
-    assert all(heat.shape == (64, 64) and heat.dtype == np.uint8 for heat, _ in maps)
+    assert all(heat.shape == (64, 64, 3) and heat.dtype == np.uint8 for heat, _ in maps)  # maps laid over the image
 
 
 def test_editor_mask_reads_layer_alpha_at_background_size():
@@ -120,8 +120,8 @@ def test_edit_operations_keep_the_image_size(tiny_pipe, family, operation, direc
     from attnedit.surfaces.webapp_tabs import parse_box, run_edit
 
     image = np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)
-    out = run_edit(tiny_pipe(family), image, parse_box("8, 8, 24, 30"), operation, dx=8, direction=direction, amount=8,
-                   steps=3)
+    directions = {"pan": direction} if operation == "pan" else {"flip": direction}
+    out = run_edit(tiny_pipe(family), image, parse_box("8, 8, 24, 30"), operation, dx=8, **directions, amount=8, steps=3)
     assert out.shape == (64, 48, 3) and out.dtype == np.uint8
 
 

@@ -127,7 +127,7 @@ def _defaulted(call):
 
 def builtin_name(pipe: DiffusionPipeline) -> str | None:
     """Which built-in model ``pipe`` was loaded from, if any."""
-    source = pathlib.Path(str(getattr(pipe.config, "_name_or_path", "") or ""))
+    source = pathlib.Path(str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""))
     return source.name if source.parent == MODELS_DIR and source.name in BUILTIN_MODELS else None
 
 
