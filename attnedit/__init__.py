@@ -12,9 +12,15 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnedit.compat import install_aliases
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load on first use (below)
+    from attnedit.core.attention import BACKENDS, dense_attention
+    from attnedit.core.edits import AttentionRecorder, BlockMask, Edit, HeadBlend, KeyMask, RecordedMap
+    from attnedit.core.families import FAMILIES, AttentionCall, Site, detect_family
+    from attnedit.core.install import Installation, install
 
 __version__ = "0.1.0"
 
@@ -26,7 +32,8 @@ _HOMES = {
 }
 _EXPORTS = {name: module for module, names in _HOMES.items() for name in names}
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["AttentionCall", "AttentionRecorder", "BACKENDS", "BlockMask", "Edit", "FAMILIES", "HeadBlend", "Installation", "KeyMask", "RecordedMap", "Site", "dense_attention", "detect_family", "install"]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

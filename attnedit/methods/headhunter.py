@@ -307,8 +307,6 @@ def headhunter(pipe: Any, objective: Objective, prompts: Sequence[str], seeds: S
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m attnedit.methods.headhunter --model tiny:sd3 --prompt "a cat" --layers 1 --workdir runs/hh``."""
-    import argparse
-
     from attnedit.surfaces import params as rules
     from attnedit.surfaces.cli_base import Parser
     from attnedit.surfaces.loading import load_pipeline

@@ -57,8 +57,7 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     """
     from attnedit.shapes.builtin import BUILTIN_MODELS, load_builtin, model_path
     from attnedit.surfaces.memory import apply_plan, module_size, parse_memory, resolve_memory
-    from attnedit.surfaces.quantize import check_quantize, gguf_transformer, load_loras, parse_lora, \
-        quantization_config
+    from attnedit.surfaces.quantize import check_quantize, gguf_transformer, load_loras, parse_lora, quantization_config
 
     model = model or DEFAULT_MODEL
     device = pick_device(device)
