@@ -52,10 +52,30 @@ def test_video_writes_mp4_and_frames(tmp_path, radial):
     assert len(frames) == 5 and read_png_parameters(frames[0])["radial"] is radial
 
 
-def test_presets_lists_the_shipped_head_presets(capsys):
+def test_presets_lists_the_shipped_head_and_radial_presets(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    assert "shapes-t2i   unet   0:4,5:0,5:1" in out and "shapes-dit   sd3    0:0,0:2,2:0" in out
+    assert "shapes-t2i       unet   0:4,5:0,5:1" in out and "shapes-dit       sd3    0:0,0:2,2:0" in out
+    assert "wan22            decay=0.8, block_size=64, thinning_width=128" in out
+
+
+def test_video_radial_preset_and_dense_tail_reach_the_edit(tmp_path, monkeypatch):
+    import attnedit.pipelines.radial as radial
+
+    seen = {}
+    real = radial.generate_radial
+
+    def spy(pipe, prompt, **kwargs):
+        seen.update(preset=kwargs.get("preset"), radial=kwargs.get("radial"))
+        return real(pipe, prompt, **kwargs)
+
+    monkeypatch.setattr(radial, "generate_radial", spy)
+    out = tmp_path / "ball.mp4"
+    args = ["video", "a ball", "--steps", "3", "--frames", "5", "--out", str(out), "--radial-preset", "wan_2x",
+            "--dense-tail-steps", "1"]
+    assert main(args) == 0 and out.exists()
+    assert seen == {"preset": "wan_2x", "radial": {"dense_tail_steps": 1}}
+    assert main(args[:-4] + ["--radial-preset", "nope"]) == 2
 
 
 def test_heads_search_writes_a_ranking(tmp_path, capsys):

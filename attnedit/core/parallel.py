@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import attnedit.core.versions  # noqa: F401  (a clear error on an untested diffusers, before its internals)
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.context_parallel import ModuleForwardMetadata
 from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ContextParallelOutput
 
-import attnedit.core.versions  # noqa: F401  (a clear error on an untested diffusers, before its internals)
 from attnedit.core.families import detect_family
 from attnedit.core.install import _denoisers
 from attnedit.processors.ulysses import FAMILIES

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnedit.core.edits import BlockMask, Edit
+from attnedit.methods.radial_presets import ALIASES, PRESETS
 
 if TYPE_CHECKING:
     from attnedit.core.families import AttentionCall, Site
@@ -52,25 +53,6 @@ FAMILIES = ("wan", "hunyuan_video")
 # The authors' released settings (mit-han-lab/radial-attention, scripts/*.sh), one per script; the comment names the
 # script, the video it was run at and its sampling steps. Fields not given take RadialAttention's defaults (block
 # 128, thinning at the block size, which is the released 128 there).
-PRESETS: dict[str, dict] = {
-    # wan_t2v_inference.sh: Wan 2.1 T2V 14B, 768x1280x69, 50 steps
-    "wan": {"decay": 0.2, "sink": True, "dense_steps": 12, "dense_layers": 1},
-    # hunyuan_t2v_inference.sh: HunyuanVideo, 768x1280x117, 50 steps
-    "hunyuan_video": {"decay": 0.95, "sink": False, "dense_steps": 12, "dense_layers": 0},
-    # wan_22_t2v_inference.sh: Wan 2.2 (T2V A14B, 768x1280x77, 40 steps; TI2V-5B runs the same processor):
-    # blocks of 64, far-frame thinning still against the hard-coded 128
-    "wan22": {"decay": 0.8, "block_size": 64, "thinning_width": 128, "sink": True, "dense_steps": 11, "dense_layers": 1},
-    # wan_t2v_inference.sh, 2x-length setting with the authors' long-video LoRA: 720x1280x161, 50 steps, gamma
-    # left at the script's default 1
-    "wan_2x": {"decay": 1.0, "sink": True, "dense_steps": 2, "dense_layers": 2},
-    # hunyuan_t2v_inference.sh, 4x-length setting with the authors' LoRA: 720x1280x509, 50 steps, gamma 1
-    "hunyuan_video_4x": {"decay": 1.0, "sink": False, "dense_steps": 2, "dense_layers": 2},
-    # wan_t2v_inference_fusionx.sh: Wan 2.1 14B + FusionX LoRA, 768x1280x69, 8 steps
-    "wan_fusionx": {"decay": 0.2, "sink": True, "dense_steps": 2, "dense_layers": 1},
-    # wan_t2v_inference_lightx2v.sh: Wan 2.1 14B + Lightx2v step-distilled LoRA, 768x1280x69, 4 steps
-    "wan_lightx2v": {"decay": 0.2, "sink": True, "dense_steps": 1, "dense_layers": 1},
-}
-ALIASES = {"wan_lora": "wan_fusionx", "wan_few_step": "wan_lightx2v"}  # earlier names of the same settings
 
 
 def _check_power_of_two(name: str, value: object) -> None:

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import attnedit.core.versions  # noqa: F401  (a clear error on an untested diffusers, before its internals)
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-
-import attnedit.core.versions  # noqa: F401  (a clear error on an untested diffusers, before its internals)
 
 
 @dataclass

@@ -347,7 +347,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     """Text to video (Wan, HunyuanVideo) with radial attention unless ``radial`` is false; returns the frames.
 
     Parameters: prompt, negative_prompt, seed, steps, guidance_scale, width, height, frames, radial (bool),
-    dense_steps, dense_layers, decay, max_sequence_length; fps and save_frames (PNG frames beside the MP4) are for the writer.
+    dense_steps, dense_layers, decay, radial_preset, dense_tail_steps, max_sequence_length; fps and save_frames (PNG frames beside the MP4) are for the writer.
     """
     import torch
     from PIL import Image
@@ -368,8 +368,9 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
                              f"model (e.g. {near}); diffusers would silently round it")
     params = {k: v for k, v in params.items() if k not in ("fps", "save_frames")}
     if params.get("radial", True):
-        overrides = {k: params[k] for k in ("dense_steps", "dense_layers", "decay") if k in params}
-        frames = generate_radial(pipe, params["prompt"], radial=overrides, **kwargs).frames[0]
+        overrides = {k: params[k] for k in ("dense_steps", "dense_layers", "decay", "dense_tail_steps") if k in params}
+        preset = params.get("radial_preset")
+        frames = generate_radial(pipe, params["prompt"], preset=preset, radial=overrides, **kwargs).frames[0]
     else:
         frames = pipe(params["prompt"], **kwargs).frames[0]
     return [Image.fromarray((frame * 255).round().clip(0, 255).astype("uint8")) for frame in frames]

@@ -55,12 +55,17 @@ def _sites(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    """List the shipped head presets: name, family, heads, objective (``--heads NAME`` uses one)."""
+    """List the shipped presets: head sets (name, family, heads, objective; ``--heads NAME``) and radial attention's
+    released settings (``--radial-preset NAME``)."""
     from attnedit.methods.head_guidance import head_presets
+    from attnedit.methods.radial_presets import PRESETS as RADIAL_PRESETS
 
-    print(f"{'name':12s} {'family':6s} {'heads':14s} objective")
+    print(f"{'head preset':16s} {'family':6s} {'heads':14s} objective")
     for name, preset in head_presets().items():
-        print(f"{name:12s} {preset.get('family', '-'):6s} {preset['spec']:14s} {preset.get('objective', '-')}")
+        print(f"{name:16s} {preset.get('family', '-'):6s} {preset['spec']:14s} {preset.get('objective', '-')}")
+    print(f"\n{'radial preset':16s} settings")
+    for name, fields in RADIAL_PRESETS.items():
+        print(f"{name:16s} " + ", ".join(f"{k}={v}" for k, v in fields.items()))
     return 0
 
 
@@ -156,6 +161,7 @@ def _video(args: argparse.Namespace) -> int:
         "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance,
         "width": args.width, "height": args.height, "frames": args.frames, "radial": not args.dense,
         "dense_steps": args.dense_steps, "dense_layers": args.dense_layers, "decay": args.decay,
+        "radial_preset": args.radial_preset, "dense_tail_steps": args.dense_tail_steps,
     }, default_model=DEFAULT_VIDEO_MODEL, ulysses=args.ulysses)
 
 
@@ -325,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--dense-steps", type=int, help="first steps kept dense (preset: 12)")
     video.add_argument("--dense-layers", type=int, help="first layers kept dense")
     video.add_argument("--decay", type=float, help="radial decay factor gamma")
+    video.add_argument("--radial-preset", metavar="NAME",
+                       help="the authors' settings by name (attnedit presets lists them; default: the model's)")
+    video.add_argument("--dense-tail-steps", type=int, metavar="N", help="last N steps dense (for quality)")
     video.add_argument("--save-frames", action="store_true", help="also write PNG frames into a folder beside the MP4")
     video.add_argument("--fps", type=int, default=16)
     video.add_argument("--ulysses", type=int, metavar="N",
@@ -347,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     sites = sub.add_parser("sites", help="list a model's editable attention sites (kind, layer, heads)")
     _model_options(sites)
     sites.set_defaults(run=_sites)
-    presets = sub.add_parser("presets", help="list the shipped head presets (heads a search found; --heads NAME)")
+    presets = sub.add_parser("presets", help="list the shipped presets: heads (--heads NAME) and radial settings "
+                                             "(--radial-preset NAME)")
     presets.set_defaults(run=_presets)
     app = sub.add_parser("app", help="start the web app on 127.0.0.1")
     app.add_argument("--model", help="hub id, local folder or tiny:<family>")

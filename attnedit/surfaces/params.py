@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnedit.methods.radial_presets import ALIASES as RADIAL_ALIASES
+from attnedit.methods.radial_presets import PRESETS as RADIAL_PRESETS
 from attnedit.methods.refocusing_schedule import SCHEDULES
 
 TINY_PREFIX = "tiny:"
@@ -154,6 +156,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
              "hole_noise": number(0, 1)},
     "video": {**SAMPLING, "frames": integer(1, MAX_FRAMES), "radial": boolean, "dense_steps": integer(0, MAX_STEPS),
               "dense_layers": integer(0, 1000), "decay": number(0, 100, above=True), "fps": integer(1, 240),
+              "radial_preset": choice(*RADIAL_PRESETS, *RADIAL_ALIASES), "dense_tail_steps": integer(0, MAX_STEPS),
               "save_frames": boolean, "max_sequence_length": integer(1, 4096)},
 }
 _NEEDS_MASK = ("remove", "move", "resize", "flip")
