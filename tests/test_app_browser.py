@@ -99,6 +99,19 @@ def shown_image(page, selector: str):
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def png_parameters(page, selector: str) -> dict:
+    """The parameters embedded in the PNG the app serves under ``selector`` (what its download button saves)."""
+    import io
+    import json
+
+    from PIL import Image
+
+    data = page.request.get(page.locator(f"{selector} img").first.get_attribute("src")).body()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and "Seed: " in image.text["parameters"]
+        return json.loads(image.text["attnedit"])
+
+
 def test_generation_shows_an_image_and_token_maps(page, tmp_path):
     open_tab(page, "Attention maps")
     page.get_by_label("Prompt").first.fill("a red circle")
@@ -113,6 +126,10 @@ def test_generation_shows_an_image_and_token_maps(page, tmp_path):
     page.locator("#maps-random input").check()
     run_and_wait(page, page.get_by_role("button", name="Generate", exact=True), "#maps-image")
     page.wait_for_function("() => Number(document.querySelector('#maps-seed input').value) > 0", timeout=60_000)
+    used = int(page.locator("#maps-seed input").input_value())  # the result's PNG says how it was made
+    assert png_parameters(page, "#maps-image") == {"prompt": "a red circle", "seed": used, "steps": 20,
+                                                   "guidance_scale": 4.0, "width": 64, "height": 64,
+                                                   "model": "shapes-t2i"}
     page.locator("#maps-random input").uncheck()
     page.locator("#maps-seed input").fill("0")
     shoot(page, tmp_path, "attention-maps")
@@ -184,6 +201,8 @@ def test_head_guidance_shows_both_images(page, tmp_path):
     open_tab(page, "Head guidance")
     assert run_and_wait(page, page.locator("#guidance-run"), "#guidance-on") == 64
     assert page.locator("#guidance-off img").evaluate("img => img.naturalWidth") == 64
+    assert png_parameters(page, "#guidance-on")["heads"] == "L1H0,L1H1"
+    assert "heads" not in png_parameters(page, "#guidance-off")
     shoot(page, tmp_path, "head-guidance")
 
 

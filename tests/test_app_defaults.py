@@ -74,3 +74,18 @@ def test_a_random_seed_is_a_whole_number_and_bad_seeds_are_refused():
     assert 0 <= tabs.pick_seed(0, True) < 2**31 and tabs.pick_seed(7.0) == 7
     with pytest.raises(ValueError, match="seed=1.5"):
         tabs.pick_seed(1.5)
+
+
+def test_results_carry_their_parameters_into_the_png_gradio_serves(t2i):
+    """A PIL result with text info, through a format="png" gr.Image as the app returns it: the served file holds
+    the A1111 line and the job JSON; no file of ours is written."""
+    import gradio as gr
+
+    from attnedit.surfaces.outputs import read_png_parameters
+    from attnedit.surfaces.webapp_results import with_parameters
+
+    result = with_parameters(np.zeros((64, 64, 3), np.uint8), t2i, prompt="a red circle", seed=7, steps=20)
+    served = gr.Image(format="png").postprocess(result).path
+    assert read_png_parameters(served) == {"prompt": "a red circle", "seed": 7, "steps": 20, "width": 64,
+                                           "height": 64, "model": "shapes-t2i"}
+    assert "Seed: 7" in result.info["parameters"] and "Size: 64x64" in result.info["parameters"]

@@ -7,7 +7,6 @@ Every button shares ``concurrency_id="model"``: one job at a time touches the mo
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -21,6 +20,7 @@ from attnedit.methods.refocusing_layout import MAX_BOXES, Layout, token_layout
 from attnedit.shapes.builtin import call_options
 from attnedit.surfaces import webapp_tabs as tabs
 from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
+from attnedit.surfaces.webapp_results import with_parameters
 from attnedit.surfaces.webapp_video_edit import video_edit_tab
 
 MAX_STEPS = 100
@@ -144,7 +144,8 @@ def maps_tab(pipe) -> None:
     def run(p, s, n, g, r):
         hint_unknown(pipe, p)
         s = tabs.pick_seed(s, r)
-        return (*generate_with_maps(pipe, p, s, int(n), float(g)), s)
+        image, maps = generate_with_maps(pipe, p, s, int(n), float(g))
+        return with_parameters(image, pipe, prompt=p, seed=s, steps=int(n), guidance_scale=float(g)), maps, s
 
     run = friendly(run)
     button.click(run, [prompt, seed, steps, guidance, randomize], [image, maps, seed], api_name="generate",
@@ -191,7 +192,9 @@ def grounded_tab(pipe) -> None:
     use_drawn.click(friendly(tabs.annotations_to_lines), canvas, boxes, api_visibility="private")
     def run(prompt, boxes, seed, steps, refocus_steps, guidance):
         hint_unknown(pipe, prompt)
-        return tabs.run_grounded(pipe, prompt, boxes, seed, steps, refocus_steps, guidance)
+        image, maps = tabs.run_grounded(pipe, prompt, boxes, seed, steps, refocus_steps, guidance)
+        return with_parameters(image, pipe, prompt=prompt, boxes=boxes, seed=seed, steps=steps,
+                               refocus_steps=refocus_steps, guidance_scale=guidance), maps
 
     run = friendly(run)
     button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance], [image, maps], api_name="grounded",
@@ -255,9 +258,10 @@ def edit_tab(pipe) -> None:
 
     def run(image, value, box_text, operation, dx, dy, scale, flip, pan, amount, steps, growth, hole_noise, guidance):
         image, mask = mask_of(image, value, box_text)
-        return tabs.run_edit(pipe, image, mask, operation, dx=dx, dy=dy, scale=scale, flip=flip, pan=pan,
-                             amount=amount, steps=steps, growth=growth, hole_noise=hole_noise,
-                             guidance_scale=guidance)
+        options = {"dx": dx, "dy": dy, "scale": scale, "flip": flip, "pan": pan, "amount": amount, "steps": steps,
+                   "growth": growth, "hole_noise": hole_noise, "guidance_scale": guidance}
+        return with_parameters(tabs.run_edit(pipe, image, mask, operation, **options), pipe, prompt=operation,
+                               operation=operation, box=box_text, **options)
 
     source.upload(paint_on, source, editor, queue=False, api_visibility="private")
     for event in (source.upload, operation.change):
@@ -289,7 +293,13 @@ def guidance_tab(pipe) -> None:
         with gr.Column(), gr.Row():
             plain = gr.Image(label="Without head guidance", format="png", elem_id="guidance-off", height=320)
             guided = gr.Image(label="With head guidance", format="png", elem_id="guidance-on", height=320)
-    run = friendly(functools.partial(tabs.run_head_guidance, pipe))
+    def run(prompt, heads, ranking, seed, steps, guidance, scale, strength):
+        images = tabs.run_head_guidance(pipe, prompt, heads, ranking, seed, steps, guidance, scale, strength)
+        params = {"prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance}
+        guided = {"heads": heads if ranking is None else "uploaded ranking", "pag_scale": scale, "strength": strength}
+        return with_parameters(images[0], pipe, **params), with_parameters(images[1], pipe, **params, **guided)
+
+    run = friendly(run)
     button.click(run, [prompt, heads, ranking, seed, steps, guidance, scale, strength], [plain, guided],
                  api_name="head_guidance", concurrency_id="model")
 

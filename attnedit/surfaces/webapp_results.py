@@ -1,0 +1,36 @@
+"""Results the app hands back carry their generation parameters, as the CLI's and batch's PNGs do.
+
+A PIL image whose ``info`` holds text is written by Gradio (for a component with ``format="png"``) with those
+texts as PNG text chunks, so the file a user downloads says how it was made (the AUTOMATIC1111 ``parameters``
+line other tools read, and the ``attnedit`` JSON of :func:`attnedit.surfaces.outputs.read_png_parameters`).
+No file of ours is written per request: Gradio saves the image into its own cache.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from attnedit.surfaces.outputs import a1111_parameters
+
+
+def model_name(pipe: Any) -> str | None:
+    """The built-in's name, else the folder or hub id the model was loaded from."""
+    from attnedit.shapes.builtin import builtin_name
+
+    return builtin_name(pipe) or (str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "") or None)
+
+
+def with_parameters(image: np.ndarray, pipe: Any, **params: Any) -> Image.Image:
+    """``image`` (H, W, 3) uint8 as a PIL image whose PNG text chunks will hold ``params`` plus its size and model.
+
+    Why: a downloaded result should reproduce itself (seed, steps, CFG, ...) in any PNG-info reader.
+    """
+    picture = Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8))
+    params = {**params, "width": picture.width, "height": picture.height, "model": model_name(pipe)}
+    picture.info["parameters"] = a1111_parameters(params)
+    picture.info["attnedit"] = json.dumps(params, sort_keys=True, default=str)
+    return picture
