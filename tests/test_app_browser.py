@@ -150,6 +150,7 @@ def test_grounded_generation_shows_image_and_phrase_maps(page, tmp_path):
     assert run_and_wait(page, page.locator("#grounded-run"), "#grounded-image") == 64
     page.locator("#grounded-maps img").first.wait_for(state="visible", timeout=60_000)
     assert page.locator("#grounded-maps img").count() == 2
+    assert page.locator("#grounded-random input").count() == 1 and png_parameters(page, "#grounded-image")["seed"] == 0
     found = world.detect(shown_image(page, "#grounded-image"))  # each object in its box
     assert world.in_box(found.get("red"), (0.05, 0.2, 0.5, 0.9)) and world.in_box(found.get("blue"), (0.5, 0.3, 0.95, 0.95))
     shoot(page, tmp_path, "grounded-generation")
@@ -203,6 +204,14 @@ def test_head_guidance_shows_both_images(page, tmp_path):
     assert page.locator("#guidance-off img").evaluate("img => img.naturalWidth") == 64
     assert png_parameters(page, "#guidance-on")["heads"] == "L1H0,L1H1"
     assert "heads" not in png_parameters(page, "#guidance-off")
+    # a random seed, shown back and embedded in both results (each generating tab has the option)
+    page.locator("#guidance-random input").check()
+    run_and_wait(page, page.locator("#guidance-run"), "#guidance-on")
+    page.wait_for_function("() => Number(document.querySelector('#guidance-seed input').value) > 0", timeout=60_000)
+    used = int(page.locator("#guidance-seed input").input_value())
+    assert png_parameters(page, "#guidance-on")["seed"] == png_parameters(page, "#guidance-off")["seed"] == used
+    page.locator("#guidance-random input").uncheck()
+    page.locator("#guidance-seed input").fill("0")
     shoot(page, tmp_path, "head-guidance")
 
 
@@ -219,6 +228,7 @@ def test_video_tab_loads_the_builtin_video_model_and_shows_frames(page, tmp_path
     open_tab(page, "Video")
     run_and_wait(page, page.locator("#video-run"), "#video-frames")
     assert page.locator("#video-frames img").count() == 9  # the frames shapes-t2v was trained on
+    assert page.locator("#video-random input").count() == 1
     shoot(page, tmp_path, "video")
 
 

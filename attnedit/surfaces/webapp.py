@@ -20,7 +20,7 @@ from attnedit.methods.refocusing_layout import MAX_BOXES, Layout, token_layout
 from attnedit.shapes.builtin import call_options
 from attnedit.surfaces import webapp_tabs as tabs
 from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
-from attnedit.surfaces.webapp_results import with_parameters
+from attnedit.surfaces.webapp_results import seed_controls, with_parameters
 from attnedit.surfaces.webapp_video_edit import video_edit_tab
 
 MAX_STEPS = 100
@@ -130,9 +130,7 @@ def maps_tab(pipe) -> None:
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square")
             with gr.Row():
-                seed = gr.Number(label="Seed (the one used is shown after each run)", value=0, precision=0,
-                                 elem_id="maps-seed")
-                randomize = gr.Checkbox(label="random seed", value=False, elem_id="maps-random")
+                seed, randomize = seed_controls("maps")
             steps = gr.Slider(1, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
             button = gr.Button("Generate", variant="primary")
@@ -177,7 +175,7 @@ def grounded_tab(pipe) -> None:
             boxes = gr.Textbox(label="Boxes: one 'phrase: x0,y0,x1,y1' per line (0..1; several boxes: ';')",
                                value=boxes_value, lines=4, elem_id="grounded-boxes")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0)
+                seed, randomize = seed_controls("grounded")
                 steps = gr.Slider(1, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             with gr.Row():
                 refocus_steps = gr.Slider(0, MAX_STEPS, value=settings["steps"] // 2, step=1, label="Refocused steps")
@@ -190,15 +188,16 @@ def grounded_tab(pipe) -> None:
                               elem_classes="enlarged")
     boxes.change(tabs.preview_layout, boxes, preview, queue=False, api_visibility="private")
     use_drawn.click(friendly(tabs.annotations_to_lines), canvas, boxes, api_visibility="private")
-    def run(prompt, boxes, seed, steps, refocus_steps, guidance):
+    def run(prompt, boxes, seed, steps, refocus_steps, guidance, randomize):
         hint_unknown(pipe, prompt)
+        seed = tabs.pick_seed(seed, randomize)
         image, maps = tabs.run_grounded(pipe, prompt, boxes, seed, steps, refocus_steps, guidance)
         return with_parameters(image, pipe, prompt=prompt, boxes=boxes, seed=seed, steps=steps,
-                               refocus_steps=refocus_steps, guidance_scale=guidance), maps
+                               refocus_steps=refocus_steps, guidance_scale=guidance), maps, seed
 
     run = friendly(run)
-    button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance], [image, maps], api_name="grounded",
-                 concurrency_id="model")
+    button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance, randomize], [image, maps, seed],
+                 api_name="grounded", concurrency_id="model")
 
 
 def edit_tab(pipe) -> None:
@@ -283,7 +282,7 @@ def guidance_tab(pipe) -> None:
             heads = gr.Textbox(label="Heads ('L1H0,L1H1', '1:0', 'L1' = every head of layer 1)", value="L1H0,L1H1")
             ranking = gr.File(label="...or a HeadHunter ranking JSON", file_types=[".json"], type="filepath", height=80)
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0)
+                seed, randomize = seed_controls("guidance")
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
             with gr.Row():
                 guidance = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="CFG scale")
@@ -293,15 +292,16 @@ def guidance_tab(pipe) -> None:
         with gr.Column(), gr.Row():
             plain = gr.Image(label="Without head guidance", format="png", elem_id="guidance-off", height=320)
             guided = gr.Image(label="With head guidance", format="png", elem_id="guidance-on", height=320)
-    def run(prompt, heads, ranking, seed, steps, guidance, scale, strength):
+    def run(prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize):
+        seed = tabs.pick_seed(seed, randomize)
         images = tabs.run_head_guidance(pipe, prompt, heads, ranking, seed, steps, guidance, scale, strength)
         params = {"prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance}
         guided = {"heads": heads if ranking is None else "uploaded ranking", "pag_scale": scale, "strength": strength}
-        return with_parameters(images[0], pipe, **params), with_parameters(images[1], pipe, **params, **guided)
+        return with_parameters(images[0], pipe, **params), with_parameters(images[1], pipe, **params, **guided), seed
 
     run = friendly(run)
-    button.click(run, [prompt, heads, ranking, seed, steps, guidance, scale, strength], [plain, guided],
-                 api_name="head_guidance", concurrency_id="model")
+    inputs = [prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize]
+    button.click(run, inputs, [plain, guided, seed], api_name="head_guidance", concurrency_id="model")
 
 
 def video_tab(pipe) -> None:
@@ -334,14 +334,15 @@ def video_tab(pipe) -> None:
                                   maximum=video["max_size"], step=video["multiple"])
             with gr.Row():
                 steps = gr.Slider(1, MAX_STEPS, value=30 if own else 20, step=1, label="Steps")
-                seed = gr.Number(label="Seed", value=0, precision=0)
+                seed, randomize = seed_controls("video")
             button = gr.Button("Generate video", variant="primary", elem_id="video-run")
         with gr.Column():
             video = gr.Video(label="Video", elem_id="video-out", visible=tabs.has_video_export())
             gallery = gr.Gallery(label="Frames", columns=5, elem_id="video-frames", height="auto",
                                  elem_classes="enlarged")
 
-    def run(prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed):
+    def run(prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed, randomize):
+        seed = tabs.pick_seed(seed, randomize)
         if cached["pipe"] is None:  # the sizes are checked against the model that will run
             cached["pipe"] = tabs.load_tiny_video_pipeline()
         hint_unknown(cached["pipe"], prompt)
@@ -349,10 +350,10 @@ def video_tab(pipe) -> None:
         out = tabs.run_video(cached["pipe"], prompt, radial=radial, dense_steps=dense_steps, dense_layers=dense_layers,
                              decay=decay, block_size=block, frames=frames, height=height, width=width, steps=steps,
                              seed=seed)
-        return tabs.frames_to_video(out), out
+        return tabs.frames_to_video(out), out, seed
 
-    inputs = [prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed]
-    button.click(friendly(run), inputs, [video, gallery], api_name="video", concurrency_id="model")
+    inputs = [prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed, randomize]
+    button.click(friendly(run), inputs, [video, gallery, seed], api_name="video", concurrency_id="model")
 
 
 def build_app(pipe, model_name: str):

@@ -34,3 +34,13 @@ def with_parameters(image: np.ndarray, pipe: Any, **params: Any) -> Image.Image:
     picture.info["parameters"] = a1111_parameters(params)
     picture.info["attnedit"] = json.dumps(params, sort_keys=True, default=str)
     return picture
+
+
+def seed_controls(prefix: str) -> tuple[Any, Any]:
+    """A seed box and a 'random seed' box, in the current layout; the tab's run writes the seed it used back into
+    the seed box (``tabs.pick_seed``), so every result can be made again."""
+    import gradio as gr
+
+    seed = gr.Number(label="Seed (the one used is shown after each run)", value=0, precision=0,
+                     elem_id=f"{prefix}-seed")
+    return seed, gr.Checkbox(label="random seed", value=False, elem_id=f"{prefix}-random")
