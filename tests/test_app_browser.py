@@ -140,6 +140,12 @@ def test_bad_input_shows_a_message(page):
     page.get_by_label("Prompt").first.fill("   ")
     page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_selector("text=the prompt is empty", timeout=60_000)
+    page.get_by_label("Prompt").first.fill("a red circle")
+    page.locator("#maps-width input").fill("70")  # a size the model cannot take: a message naming it
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_selector("text=width=70 must be a multiple of 16", timeout=60_000)
+    page.locator("#maps-width input").fill("64")
+    close_toasts(page)
 
 
 def test_grounded_generation_shows_image_and_phrase_maps(page, tmp_path):

@@ -89,3 +89,22 @@ def test_results_carry_their_parameters_into_the_png_gradio_serves(t2i):
     assert read_png_parameters(served) == {"prompt": "a red circle", "seed": 7, "steps": 20, "width": 64,
                                            "height": 64, "model": "shapes-t2i"}
     assert "Seed: 7" in result.info["parameters"] and "Size: 64x64" in result.info["parameters"]
+
+
+def test_image_tabs_take_the_size_and_negative_prompt_asked_and_refuse_sizes_the_model_cannot_take(t2i):
+    from attnedit.surfaces.webapp_maps import generate_with_maps
+    from attnedit.surfaces.webapp_results import image_options
+
+    options = image_options(t2i, 48, 32, " blue ")
+    assert options == {"width": 48, "height": 32, "negative_prompt": "blue"} and "negative_prompt" not in \
+        image_options(t2i, 64, 64, "")
+    with pytest.raises(ValueError, match="width=70 must be a multiple of 16"):
+        image_options(t2i, 70, 64, "")
+    image, maps = generate_with_maps(t2i, "a red circle", 0, 2, 4.0, **options)
+    assert image.shape == (32, 48, 3) and maps and maps[0][0].shape[:2] == (32, 48)
+    grounded, _ = tabs.run_grounded(t2i, "a red circle", "red circle: 0.1,0.1,0.6,0.9", 0, 2, 1, 4.0, **options)
+    plain, guided = tabs.run_head_guidance(t2i, "a red circle", "L1H0", None, 0, 2, 4.0, 3.0, 1.0, **options)
+    assert grounded.shape == plain.shape == guided.shape == (32, 48, 3)
+    options.pop("negative_prompt")  # the negative prompt reaches the refocused pipeline
+    assert not np.array_equal(grounded, tabs.run_grounded(t2i, "a red circle", "red circle: 0.1,0.1,0.6,0.9", 0, 2, 1,
+                                                          4.0, **options)[0])

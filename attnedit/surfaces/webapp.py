@@ -11,45 +11,12 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from attnedit.core.edits import AttentionRecorder
-from attnedit.core.install import install
-from attnedit.methods.attention_maps import token_heatmaps
-from attnedit.methods.refocusing_layout import MAX_BOXES, Layout, token_layout
-from attnedit.shapes.builtin import call_options
 from attnedit.surfaces import webapp_tabs as tabs
 from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
-from attnedit.surfaces.webapp_results import seed_controls, with_parameters
+from attnedit.surfaces.webapp_maps import MAX_STEPS, generate_with_maps
+from attnedit.surfaces.webapp_results import image_controls, image_options, seed_controls, with_parameters
 from attnedit.surfaces.webapp_video_edit import video_edit_tab
-
-MAX_STEPS = 100
-
-
-def generate_with_maps(pipe, prompt: str, seed: int, steps: int, guidance: float) -> tuple[np.ndarray, list]:
-    """Image (H, W, 3) uint8 and [(heat map over the image, word)] for each prompt word: the cross-attention of
-    UNets, the image-to-text joint attention of MM-DiTs (SD3, shapes-dit), averaged over the word's tokens."""
-    prompt = tabs._check_prompt(prompt)
-    if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps={steps} must be in 1..{MAX_STEPS}")
-    sd3 = getattr(pipe, "transformer", None) is not None
-    recorder = AttentionRecorder(kinds=frozenset({"joint" if sd3 else "cross"}), branches=frozenset({"cond"}),
-                                 queries="image" if sd3 else "all")
-    with install(pipe, recorder), torch.no_grad():
-        result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                      generator=torch.Generator("cpu").manual_seed(int(seed)), **call_options(pipe))
-    image = (result.images[0] * 255).round().astype(np.uint8)
-    if not recorder.maps:
-        return image, []
-    words = list(dict.fromkeys(w.strip(".,;:!?") for w in prompt.split() if w.strip(".,;:!?")))[:MAX_BOXES]
-    # one region per word (distinct dummy boxes: a layout refuses two phrases with one box) to find its tokens
-    layout = Layout(prompt, [(w, [(0.0, 0.0, 1.0, 1.0 - 0.01 * i)]) for i, w in enumerate(words)])
-    tokens = token_layout(pipe, layout, **call_options(pipe))
-    heat = token_heatmaps(recorder.maps, size=image.shape[:2])
-    maps = []
-    for word, members in zip(words, tokens.phrases):
-        maps.append((tabs.overlay(image, tabs._normalized(heat[[tokens.content[k] for k in members]].mean(0))), word))
-    return image, maps
 
 
 def friendly(fn):
@@ -133,20 +100,21 @@ def maps_tab(pipe) -> None:
                 seed, randomize = seed_controls("maps")
             steps = gr.Slider(1, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
+            size = image_controls(settings, "maps")
             button = gr.Button("Generate", variant="primary")
         with gr.Column():
             image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320, elem_classes="enlarged")
             maps = gr.Gallery(label="Attention of the image to each word", columns=4, elem_id="maps-gallery",
                               elem_classes="enlarged")
 
-    def run(p, s, n, g, r):
+    def run(p, s, n, g, r, width, height, negative):
         hint_unknown(pipe, p)
-        s = tabs.pick_seed(s, r)
-        image, maps = generate_with_maps(pipe, p, s, int(n), float(g))
-        return with_parameters(image, pipe, prompt=p, seed=s, steps=int(n), guidance_scale=float(g)), maps, s
+        s, options = tabs.pick_seed(s, r), image_options(pipe, width, height, negative)
+        image, maps = generate_with_maps(pipe, p, s, int(n), float(g), **options)
+        return with_parameters(image, pipe, prompt=p, seed=s, steps=int(n), guidance_scale=float(g), **options), maps, s
 
     run = friendly(run)
-    button.click(run, [prompt, seed, steps, guidance, randomize], [image, maps, seed], api_name="generate",
+    button.click(run, [prompt, seed, steps, guidance, randomize, *size], [image, maps, seed], api_name="generate",
                  concurrency_id="model")
 
 
@@ -180,6 +148,7 @@ def grounded_tab(pipe) -> None:
             with gr.Row():
                 refocus_steps = gr.Slider(0, MAX_STEPS, value=settings["steps"] // 2, step=1, label="Refocused steps")
                 guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
+            size = image_controls(settings, "grounded")
             button = gr.Button("Generate with layout", variant="primary", elem_id="grounded-run")
         with gr.Column():
             preview = gr.Image(label="Layout", value=tabs.preview_layout(boxes_value), height=256, interactive=False)
@@ -188,15 +157,15 @@ def grounded_tab(pipe) -> None:
                               elem_classes="enlarged")
     boxes.change(tabs.preview_layout, boxes, preview, queue=False, api_visibility="private")
     use_drawn.click(friendly(tabs.annotations_to_lines), canvas, boxes, api_visibility="private")
-    def run(prompt, boxes, seed, steps, refocus_steps, guidance, randomize):
+    def run(prompt, boxes, seed, steps, refocus_steps, guidance, randomize, width, height, negative):
         hint_unknown(pipe, prompt)
-        seed = tabs.pick_seed(seed, randomize)
-        image, maps = tabs.run_grounded(pipe, prompt, boxes, seed, steps, refocus_steps, guidance)
+        seed, options = tabs.pick_seed(seed, randomize), image_options(pipe, width, height, negative)
+        image, maps = tabs.run_grounded(pipe, prompt, boxes, seed, steps, refocus_steps, guidance, **options)
         return with_parameters(image, pipe, prompt=prompt, boxes=boxes, seed=seed, steps=steps,
-                               refocus_steps=refocus_steps, guidance_scale=guidance), maps, seed
+                               refocus_steps=refocus_steps, guidance_scale=guidance, **options), maps, seed
 
     run = friendly(run)
-    button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance, randomize], [image, maps, seed],
+    button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance, randomize, *size], [image, maps, seed],
                  api_name="grounded", concurrency_id="model")
 
 
@@ -288,19 +257,20 @@ def guidance_tab(pipe) -> None:
                 guidance = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="CFG scale")
                 scale = gr.Slider(0.0, 10.0, value=3.0, step=0.5, label="Head guidance scale (w_pag)")
                 strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Strength u")
+            size = image_controls(tabs.model_settings(pipe), "guidance")
             button = gr.Button("Generate both", variant="primary", elem_id="guidance-run")
         with gr.Column(), gr.Row():
             plain = gr.Image(label="Without head guidance", format="png", elem_id="guidance-off", height=320)
             guided = gr.Image(label="With head guidance", format="png", elem_id="guidance-on", height=320)
-    def run(prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize):
-        seed = tabs.pick_seed(seed, randomize)
-        images = tabs.run_head_guidance(pipe, prompt, heads, ranking, seed, steps, guidance, scale, strength)
-        params = {"prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance}
+    def run(prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize, width, height, negative):
+        seed, options = tabs.pick_seed(seed, randomize), image_options(pipe, width, height, negative)
+        images = tabs.run_head_guidance(pipe, prompt, heads, ranking, seed, steps, guidance, scale, strength, **options)
+        params = {"prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance, **options}
         guided = {"heads": heads if ranking is None else "uploaded ranking", "pag_scale": scale, "strength": strength}
         return with_parameters(images[0], pipe, **params), with_parameters(images[1], pipe, **params, **guided), seed
 
     run = friendly(run)
-    inputs = [prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize]
+    inputs = [prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize, *size]
     button.click(run, inputs, [plain, guided, seed], api_name="head_guidance", concurrency_id="model")
 
 

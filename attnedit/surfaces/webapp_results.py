@@ -44,3 +44,29 @@ def seed_controls(prefix: str) -> tuple[Any, Any]:
     seed = gr.Number(label="Seed (the one used is shown after each run)", value=0, precision=0,
                      elem_id=f"{prefix}-seed")
     return seed, gr.Checkbox(label="random seed", value=False, elem_id=f"{prefix}-random")
+
+
+def image_controls(settings: dict, prefix: str) -> tuple[Any, Any, Any]:
+    """Width, height (limited to the sizes the model takes: multiples of ``settings["multiple"]``) and a negative
+    prompt, in the current layout, starting at the model's own size."""
+    import gradio as gr
+
+    m, top = settings["multiple"], settings["max_size"]
+    with gr.Row():
+        width = gr.Number(label=f"Width (multiple of {m})", value=settings["width"], precision=0, minimum=m,
+                          maximum=top, step=m, elem_id=f"{prefix}-width")
+        height = gr.Number(label=f"Height (multiple of {m})", value=settings["height"], precision=0, minimum=m,
+                           maximum=top, step=m, elem_id=f"{prefix}-height")
+        negative = gr.Textbox(label="Negative prompt", value="", elem_id=f"{prefix}-negative")
+    return width, height, negative
+
+
+def image_options(pipe: Any, width: float, height: float, negative: str | None) -> dict[str, Any]:
+    """The pipeline options of :func:`image_controls`; ValueError for a size the model cannot take."""
+    from attnedit.surfaces.webapp_defaults import check_size
+
+    check_size(pipe, width, height)
+    options: dict[str, Any] = {"width": int(width), "height": int(height)}
+    if (negative or "").strip():
+        options["negative_prompt"] = negative.strip()
+    return options

@@ -121,15 +121,16 @@ class _DetachedRecorder(AttentionRecorder):
 
 
 def run_grounded(pipe: Any, prompt: str, boxes: str, seed: int, steps: int, refocus_steps: int,
-                 guidance: float) -> tuple[np.ndarray, list]:
-    """Refocused image (H, W, 3) uint8 and [(heat map, phrase)] averaged over each phrase's tokens."""
+                 guidance: float, **options: Any) -> tuple[np.ndarray, list]:
+    """Refocused image (H, W, 3) uint8 and [(heat map, phrase)] averaged over each phrase's tokens; ``options``
+    (width, height, negative_prompt) go to the pipeline."""
     layout = check_phrases(parse_layout(prompt, boxes))
     config = RefocusConfig(refocus_steps=int(refocus_steps))
     sd3 = getattr(pipe, "transformer", None) is not None
     recorder = _DetachedRecorder(kinds=frozenset({"joint" if sd3 else "cross"}), branches=frozenset({"cond"}),
                                  queries="image" if sd3 else "all")
     result = refocus(pipe, layout, config=config, edits=(recorder,), num_inference_steps=_check_steps(steps),
-                     generator=_gen(seed), guidance_scale=float(guidance), output_type="np")
+                     generator=_gen(seed), guidance_scale=float(guidance), output_type="np", **options)
     image = _uint8(result.images[0])
     heat = token_heatmaps(recorder.maps, size=image.shape[:2])
     tokens = token_layout(pipe, layout)
@@ -305,13 +306,14 @@ def check_heads_text(text: str) -> str:
 
 
 def run_head_guidance(pipe: Any, prompt: str, heads: str, ranking: str | None, seed: int, steps: int,
-                      guidance: float, scale: float, strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """(without, with) SoftPAG on ``heads`` (or the uploaded ranking file's heads), same seed."""
+                      guidance: float, scale: float, strength: float, **options: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(without, with) SoftPAG on ``heads`` (or the uploaded ranking file's heads), same seed; ``options``
+    (width, height, negative_prompt) go to the pipeline."""
     spec = load_heads(ranking) if ranking else check_heads_text(heads)
     if not spec:
         raise ValueError("give heads, e.g. 'L1H0,L1H1' or '1:0', or upload a HeadHunter ranking JSON")
     kwargs = {"prompt": _check_prompt(prompt), "num_inference_steps": _check_steps(steps),
-              "guidance_scale": float(guidance), "output_type": "np"}
+              "guidance_scale": float(guidance), "output_type": "np", **options}
     with perturbed_guidance(pipe, spec, scale=float(scale), strength=float(strength)):
         guided = pipe(**kwargs, generator=_gen(seed)).images[0]
     plain = pipe(**kwargs, generator=_gen(seed)).images[0]
