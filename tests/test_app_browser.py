@@ -218,6 +218,18 @@ def test_head_guidance_shows_both_images(page, tmp_path):
     assert png_parameters(page, "#guidance-on")["seed"] == png_parameters(page, "#guidance-off")["seed"] == used
     page.locator("#guidance-random input").uncheck()
     page.locator("#guidance-seed input").fill("0")
+    # Stop during a run: no error, and the next run (seed 5) completes
+    page.locator("#guidance-run").click()
+    page.locator("#guidance-stop").click()
+    page.wait_for_timeout(3000)  # the cancelled event settles (a click while it is pending is ignored)
+    page.locator("#guidance-seed input").fill("5")
+    run_and_wait(page, page.locator("#guidance-run"), "#guidance-on")
+    for _ in range(120):
+        if png_parameters(page, "#guidance-on")["seed"] == 5:
+            break
+        page.wait_for_timeout(500)
+    assert png_parameters(page, "#guidance-on")["seed"] == 5 and not page.locator(".toast-body.error").count()
+    page.locator("#guidance-seed input").fill("0")
     shoot(page, tmp_path, "head-guidance")
 
 

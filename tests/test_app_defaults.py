@@ -108,3 +108,11 @@ def test_image_tabs_take_the_size_and_negative_prompt_asked_and_refuse_sizes_the
     options.pop("negative_prompt")  # the negative prompt reaches the refocused pipeline
     assert not np.array_equal(grounded, tabs.run_grounded(t2i, "a red circle", "red circle: 0.1,0.1,0.6,0.9", 0, 2, 1,
                                                           4.0, **options)[0])
+
+
+def test_every_generating_tab_has_a_stop_button_that_cancels_its_run(t2i):
+    from attnedit.surfaces.webapp import build_app
+
+    deps = build_app(t2i, "shapes-t2i").config["dependencies"]
+    cancelled = {deps[i]["api_name"] for d in deps for i in d["cancels"]}
+    assert cancelled == {"generate", "grounded", "edit", "head_guidance", "video"}

@@ -15,7 +15,14 @@ import numpy as np
 from attnedit.surfaces import webapp_tabs as tabs
 from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
 from attnedit.surfaces.webapp_maps import MAX_STEPS, generate_with_maps
-from attnedit.surfaces.webapp_results import image_controls, image_options, seed_controls, with_parameters
+from attnedit.surfaces.webapp_results import (
+    image_controls,
+    image_options,
+    seed_controls,
+    stop_button,
+    stops,
+    with_parameters,
+)
 from attnedit.surfaces.webapp_video_edit import video_edit_tab
 
 
@@ -102,6 +109,7 @@ def maps_tab(pipe) -> None:
             guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
             size = image_controls(settings, "maps")
             button = gr.Button("Generate", variant="primary")
+            stop = stop_button("maps")
         with gr.Column():
             image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320, elem_classes="enlarged")
             maps = gr.Gallery(label="Attention of the image to each word", columns=4, elem_id="maps-gallery",
@@ -114,8 +122,8 @@ def maps_tab(pipe) -> None:
         return with_parameters(image, pipe, prompt=p, seed=s, steps=int(n), guidance_scale=float(g), **options), maps, s
 
     run = friendly(run)
-    button.click(run, [prompt, seed, steps, guidance, randomize, *size], [image, maps, seed], api_name="generate",
-                 concurrency_id="model")
+    inputs = [prompt, seed, steps, guidance, randomize, *size]
+    stops(stop, button.click(run, inputs, [image, maps, seed], api_name="generate", concurrency_id="model"))
 
 
 def _box_canvas():
@@ -150,6 +158,7 @@ def grounded_tab(pipe) -> None:
                 guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="Guidance scale")
             size = image_controls(settings, "grounded")
             button = gr.Button("Generate with layout", variant="primary", elem_id="grounded-run")
+            stop = stop_button("grounded")
         with gr.Column():
             preview = gr.Image(label="Layout", value=tabs.preview_layout(boxes_value), height=256, interactive=False)
             image = gr.Image(label="Image", format="png", elem_id="grounded-image", height=256, elem_classes="enlarged")
@@ -165,8 +174,8 @@ def grounded_tab(pipe) -> None:
                                refocus_steps=refocus_steps, guidance_scale=guidance, **options), maps, seed
 
     run = friendly(run)
-    button.click(run, [prompt, boxes, seed, steps, refocus_steps, guidance, randomize, *size], [image, maps, seed],
-                 api_name="grounded", concurrency_id="model")
+    inputs = [prompt, boxes, seed, steps, refocus_steps, guidance, randomize, *size]
+    stops(stop, button.click(run, inputs, [image, maps, seed], api_name="grounded", concurrency_id="model"))
 
 
 def edit_tab(pipe) -> None:
@@ -197,6 +206,7 @@ def edit_tab(pipe) -> None:
                 guidance = gr.Slider(1.0, 15.0, value=edit["guidance_scale"], step=0.5, label="CFG (key-mask pair)")
             steps = gr.Slider(2, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             button = gr.Button("Edit", variant="primary", elem_id="edit-run")
+            stop = stop_button("edit")
         with gr.Column():
             result = gr.Image(label="Result", format="png", elem_id="edit-image", height=320, elem_classes="enlarged")
             preview = gr.Image(label="Region to repaint: mask (red) and its growth (yellow)", elem_id="edit-preview",
@@ -238,7 +248,7 @@ def edit_tab(pipe) -> None:
         event(friendly(show_region), [source, editor, box, growth], preview, api_visibility="private",
               trigger_mode="always_last")
     inputs = [source, editor, box, operation, dx, dy, scale, flip, pan, amount, steps, growth, hole_noise, guidance]
-    button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model")
+    stops(stop, button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model"))
 
 
 def guidance_tab(pipe) -> None:
@@ -259,6 +269,7 @@ def guidance_tab(pipe) -> None:
                 strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Strength u")
             size = image_controls(tabs.model_settings(pipe), "guidance")
             button = gr.Button("Generate both", variant="primary", elem_id="guidance-run")
+            stop = stop_button("guidance")
         with gr.Column(), gr.Row():
             plain = gr.Image(label="Without head guidance", format="png", elem_id="guidance-off", height=320)
             guided = gr.Image(label="With head guidance", format="png", elem_id="guidance-on", height=320)
@@ -271,7 +282,7 @@ def guidance_tab(pipe) -> None:
 
     run = friendly(run)
     inputs = [prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize, *size]
-    button.click(run, inputs, [plain, guided, seed], api_name="head_guidance", concurrency_id="model")
+    stops(stop, button.click(run, inputs, [plain, guided, seed], api_name="head_guidance", concurrency_id="model"))
 
 
 def video_tab(pipe) -> None:
@@ -306,6 +317,7 @@ def video_tab(pipe) -> None:
                 steps = gr.Slider(1, MAX_STEPS, value=30 if own else 20, step=1, label="Steps")
                 seed, randomize = seed_controls("video")
             button = gr.Button("Generate video", variant="primary", elem_id="video-run")
+            stop = stop_button("video")
         with gr.Column():
             video = gr.Video(label="Video", elem_id="video-out", visible=tabs.has_video_export())
             gallery = gr.Gallery(label="Frames", columns=5, elem_id="video-frames", height="auto",
@@ -323,7 +335,7 @@ def video_tab(pipe) -> None:
         return tabs.frames_to_video(out), out, seed
 
     inputs = [prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed, randomize]
-    button.click(friendly(run), inputs, [video, gallery, seed], api_name="video", concurrency_id="model")
+    stops(stop, button.click(friendly(run), inputs, [video, gallery, seed], api_name="video", concurrency_id="model"))
 
 
 def build_app(pipe, model_name: str):

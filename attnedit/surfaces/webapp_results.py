@@ -70,3 +70,15 @@ def image_options(pipe: Any, width: float, height: float, negative: str | None) 
     if (negative or "").strip():
         options["negative_prompt"] = negative.strip()
     return options
+
+
+def stop_button(prefix: str) -> Any:
+    """A Stop button (wire it with :func:`stops`): long runs on a slow machine can be abandoned."""
+    import gradio as gr
+
+    return gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
+
+
+def stops(stop: Any, event: Any) -> None:
+    """``stop`` cancels ``event`` (Gradio's ``cancels``: a queued job is dropped, a running one is interrupted)."""
+    stop.click(None, cancels=[event], api_visibility="private")
