@@ -36,10 +36,6 @@ KINDS = ("self", "cross", "joint")
 BRANCHES = ("uncond", "cond", "perturbed")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _as_frozenset(name: str, values: Any, allowed: tuple[str, ...] | None = None) -> frozenset | None:
     if values is None:
         return None
@@ -74,7 +70,7 @@ class Edit:
         object.__setattr__(self, "layers", layers)
         if self.steps is not None:
             window = tuple(self.steps) if isinstance(self.steps, (tuple, list)) else ()
-            if len(window) != 2 or not all(_is_int(i) for i in window) or not 0 <= window[0] < window[1]:
+            if len(window) != 2 or not all(is_int(i) for i in window) or not 0 <= window[0] < window[1]:
                 raise ValueError(f"steps={self.steps!r} must be a window (start, stop) of integers with 0 <= start < stop")
             object.__setattr__(self, "steps", window)
 
