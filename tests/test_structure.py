@@ -109,3 +109,14 @@ def test_distribution_distance_of_renders_is_small_and_of_a_degenerate_set_large
     red_circles = [world.Scene((world.Shape("circle", "red", "big", 0.5, 0.5),), "gray").render(64)] * 20
     distance = st.distribution_distance(red_circles)
     assert distance["mean"] > 0.5 and distance["shape"] > 0.6 and distance["colour"] > 0.7
+
+
+def test_attribute_distance_from_per_image_attributes_equals_the_image_distance():
+    images = [s.render(64) for s in scenes(12, seed=9)]
+    rows = [st.scene_attributes(image) for image in images]
+    assert st.attribute_distance(rows) == st.distribution_distance(images)
+    assert rows[0]["count"] == [str(len(world.detect(images[0], min_area=0.0015)))]
+    resampled = st.attribute_distance([rows[0]] * 12)  # a bootstrap draw of one image: its own histogram, farther
+    assert resampled["mean"] > st.attribute_distance(rows)["mean"]
+    with pytest.raises(ValueError, match="rows is empty"):
+        st.attribute_distance([])

@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw
 
 from attnedit.shapes import world
 
-__all__ = ["FittedShape", "Structure", "StructureScore", "coverage", "distribution_distance", "fit_scene", "soft_iou",
-           "structure", "structure_score"]
+__all__ = ["FittedShape", "Structure", "StructureScore", "attribute_distance", "coverage", "distribution_distance",
+           "fit_scene", "scene_attributes", "soft_iou", "structure", "structure_score"]
 
 PSNR_RANGE = (12.0, 32.0)  # dB mapped to 0 and 1
 _FILL = {"circle": math.pi / 4, "square": 0.88 ** 2, "triangle": 0.5}  # shape area / side^2 (square: 6 % inset)
@@ -230,6 +230,31 @@ def _histograms(rows: Sequence[dict[str, list[str]]]) -> dict[str, dict[str, flo
     return out
 
 
+def scene_attributes(image: np.ndarray) -> dict[str, list[str]]:
+    """The attributes :func:`distribution_distance` compares, for one image ``(S, S, 3)``: object count (3 = three
+    or more), colours, shapes and sizes of its fitted scene's objects, and its background. Computed once per image,
+    they let a caller resample a set (a bootstrap) without fitting the scenes again."""
+    image = _as_image(image)
+    return _attributes(fit_scene(image), len(world.detect(image, min_area=0.0015)))
+
+
+@functools.lru_cache(maxsize=4)
+def _reference(samples: int, seed: int) -> dict[str, dict[str, float]]:
+    rng = random.Random(seed)
+    return _histograms([_attributes(s, len(s.objects)) for s in (world.sample_scene(rng) for _ in range(samples))])
+
+
+def attribute_distance(rows: Sequence[dict[str, list[str]]], samples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """:func:`distribution_distance` from per-image :func:`scene_attributes` ``rows`` (see there)."""
+    if not len(rows):
+        raise ValueError("rows is empty: attribute_distance needs the attributes of at least one image")
+    reference, observed = _reference(samples, seed), _histograms(rows)
+    out = {name: 0.5 * sum(abs(ref.get(v, 0.0) - observed[name].get(v, 0.0)) for v in set(ref) | set(observed[name]))
+           for name, ref in reference.items()}
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
 def distribution_distance(images: Sequence[np.ndarray], samples: int = 2000, seed: int = 0) -> dict[str, float]:
     """How far the objects of ``images`` are from the world's distribution: per attribute (object count, colour,
     shape, size, background) the total variation distance between the histogram over the images' fitted scenes
@@ -237,14 +262,4 @@ def distribution_distance(images: Sequence[np.ndarray], samples: int = 2000, see
     """
     if not len(images):
         raise ValueError("images is empty: distribution_distance needs at least one image")
-    rng = random.Random(seed)
-    reference = _histograms([_attributes(s, len(s.objects)) for s in (world.sample_scene(rng) for _ in range(samples))])
-    found = []
-    for image in images:
-        image = _as_image(image)
-        found.append(_attributes(fit_scene(image), len(world.detect(image, min_area=0.0015))))
-    observed = _histograms(found)
-    out = {name: 0.5 * sum(abs(ref.get(v, 0.0) - observed[name].get(v, 0.0)) for v in set(ref) | set(observed[name]))
-           for name, ref in reference.items()}
-    out["mean"] = float(np.mean(list(out.values())))
-    return out
+    return attribute_distance([scene_attributes(image) for image in images], samples, seed)
