@@ -1,5 +1,6 @@
-"""Refocusing schedules: when the latent is updated, how far and how often, and when to stop; the two named versions
-of the authors' code (Attention-Refocusing repository, ``ldm/models/diffusion/plms.py`` and ``loss.py``).
+"""Refocusing schedules: when the latent is updated, how far and how often, and when to stop; two named versions
+of the authors' code (Attention-Refocusing repository, ``ldm/models/diffusion/plms.py`` and ``loss.py``) and two
+cheap ones, measured against them in ``benchmarks/refocusing_frontier.py``.
 
 * ``"ce0439c"`` (default): the version the authors point plain Stable Diffusion users to (their answer to "running
   on default SD models", which also advises a loss scale of 40 there). Steps 0-29 of 50; loss scale 3 for steps
@@ -9,8 +10,15 @@ of the authors' code (Attention-Refocusing repository, ``ldm/models/diffusion/pl
   0-4), 3 (5-19), 1 after; up to 2, 6, 3, 2 and 2 updates (steps 0-1, 2-4, 5-9, 10 and 15, 20-35: 49 at most); stop
   once every box's CAR peak reaches 0.2, or (steps 0-9 only) the scaled loss is <= 0.1. CAR's terms are gated
   (:func:`attnedit.methods.refocusing.car_loss`, ``gated=True``).
+* ``"fast"`` (attnedit's, not the authors'): ``ce0439c``'s first 20 steps and scales (3 for steps 0-9, 2 for
+  10-19) with one update per step, 20 at most against 110. Each update is a forward with gradients and its
+  backward, about one plain step of time on the tiny SD 1.5 (two on the tiny SDXL), so the updates, not the
+  rest, decide the cost; one update per step keeps every refocused step while fitting x1.6 on SD 1.5.
+* ``"fast-front"``: ``"fast"`` with maps from the front half of the map layers only (``maps="front"``: SD 1.5's
+  16x16 down block, SDXL's ``down_blocks.1``, a transformer's first half of blocks), so the gradient forward and
+  backward stop near the middle of the network.
 
-Both loops make one more update after the criterion (they test it before the next iteration, after the update).
+The authors' loops make one more update after the criterion (they test it before the next iteration, after the update).
 The tables index the steps of a 50-step run; a run of N steps uses the entry of step ``i * 50 // N``.
 """
 
@@ -22,6 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 LOSSES = ("car", "sar")
+# "all": every layer the family reads maps from; "front": those in the first half of their span in forward order
+# (a UNet's down-block layers of the map grid, a transformer's first half of blocks), so the gradient forward
+# stops near the middle of the network and the backward is as short
+MAPS = ("all", "front")
 REFERENCE_STEPS = 50  # both versions sample 50 PLMS steps
 _ALWAYS = 1 << 30
 
@@ -41,6 +53,7 @@ class Schedule:
     peak_threshold: float | None  # stop once every box's CAR peak is >= this (None: never)
     gated_car: bool
     note: str
+    maps: str = "all"  # which of the family's map layers the losses read: "all", or "front" (see MAPS)
 
     def pattern(self, index: int) -> bool:
         """Whether the official loop refocuses step ``index`` (ignoring ``until``)."""
@@ -56,6 +69,14 @@ SCHEDULES: dict[str, Schedule] = {s.name: s for s in (
              step_sizes=((5, 4.0), (20, 3.0), (_ALWAYS, 1.0)), iterations=((2, 2), (5, 6), (10, 3), (_ALWAYS, 2)),
              loss_threshold=0.1, loss_threshold_until=10, peak_threshold=0.2, gated_car=True,
              note="authors' HEAD, tuned for GLIGEN: steps 0-9 then 10, 15, ..., 35, gated CAR (<= 49 updates)"),
+    Schedule("fast", until=20, stride_from=_ALWAYS, stride=1,
+             step_sizes=((10, 3.0), (_ALWAYS, 2.0)), iterations=((_ALWAYS, 1),),
+             loss_threshold=0.1, loss_threshold_until=_ALWAYS, peak_threshold=None, gated_car=False,
+             note="cheap: ce0439c's steps 0-19 and scales 3/2, one update per step (<= 20)"),
+    Schedule("fast-front", until=20, stride_from=_ALWAYS, stride=1,
+             step_sizes=((10, 3.0), (_ALWAYS, 2.0)), iterations=((_ALWAYS, 1),),
+             loss_threshold=0.1, loss_threshold_until=_ALWAYS, peak_threshold=None, gated_car=False,
+             maps="front", note="cheaper: 'fast' with maps from the front half of the map layers only"),
 )}
 DEFAULT_SCHEDULE = "ce0439c"
 
@@ -92,6 +113,7 @@ class RefocusConfig:
     loss_threshold: float | None = None
     peak_threshold: float | None = None
     gated_car: bool | None = None
+    maps: str | None = None
     softmax_scale: float = 100.0
     smooth_sigma: float = 0.5
     layers: frozenset[int] | None = None  # cross/self (UNet) or joint (SD3, FLUX) layer indices; None: by family
@@ -118,6 +140,8 @@ class RefocusConfig:
             table = getattr(self, name)
             if table is not None and (not table or any(a >= b for (a, _), (b, _) in itertools.pairwise(table))):
                 raise ValueError(f"{name}={table} must be (until_step, value) pairs with increasing steps")
+        if self.maps is not None and self.maps not in MAPS:
+            raise ValueError(f"maps={self.maps!r} must be one of {MAPS}")
         if self.layers is not None:
             object.__setattr__(self, "layers", frozenset(self.layers))
 
@@ -159,3 +183,8 @@ class RefocusConfig:
     @property
     def gated(self) -> bool:
         return self.plan.gated_car if self.gated_car is None else self.gated_car
+
+    @property
+    def map_span(self) -> str:
+        """``"all"`` or ``"front"``: which of the family's map layers the losses read (ignored with ``layers``)."""
+        return self.plan.maps if self.maps is None else self.maps

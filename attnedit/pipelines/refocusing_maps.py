@@ -62,8 +62,10 @@ def map_layers(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Ten
     every joint block; FLUX: the double-stream blocks (and the single-stream ones with ``config.single_stream``).
     """
     if handle.family.name in ("sd3", "flux"):
+        if config.layers is not None:
+            return "joint", "joint", config.layers, config.layers
         sites = [s for s in handle.sites if s.kind == "joint" and (config.single_stream or s.stream != "single")]
-        layers = config.layers or frozenset(s.layer for s in sites)
+        layers = _span(handle, {"joint": frozenset(s.layer for s in sites)}, config.map_span)["joint"]
         return "joint", "joint", layers, layers
     if config.layers is not None:
         return "cross", "self", config.layers, config.layers
@@ -79,7 +81,25 @@ def map_layers(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Ten
         usable = [g for g in grids if min(g) >= 8] or list(grids)
         chosen = min(usable, key=lambda g: (abs(math.log2(math.sqrt(g[0] * g[1]) / PAPER_GRID)), -g[0] * g[1]))
     pick = lambda kind: frozenset(s.layer for s, g in grids_of.items() if s.kind == kind and g == chosen)
-    return "cross", "self", pick("cross"), pick("self")
+    layers = _span(handle, {"cross": pick("cross"), "self": pick("self")}, config.map_span)
+    return "cross", "self", layers["cross"], layers["self"]
+
+
+def _span(handle: Installation, layers: dict[str, frozenset[int]], span: str) -> dict[str, frozenset[int]]:
+    """``layers`` per kind, or with ``span="front"`` those in the first half of their span in forward order.
+
+    The front half of SD 1.5's 16x16 layers is ``down_blocks.2``, of SDXL's latent/2 layers ``down_blocks.1``
+    (before its 32x32 blocks), of a transformer's blocks the first half: the gradient forward stops there.
+    """
+    if span == "all":
+        return layers
+    position = {(s.kind, s.layer): i for i, s in enumerate(handle.sites)}
+    spots = [position[(kind, layer)] for kind, chosen in layers.items() for layer in chosen]
+    if not spots:
+        return layers
+    middle = (min(spots) + max(spots)) / 2
+    return {kind: frozenset(layer for layer in chosen if position[(kind, layer)] <= middle)
+            for kind, chosen in layers.items()}
 
 
 def _recorders(handle: Installation, pipe: Any, forward: Any, x: torch.Tensor, t: torch.Tensor,
