@@ -57,3 +57,16 @@ def test_cli_and_jobs_accept_the_cheap_schedules(name):
 
     assert build_parser().parse_args(["generate", "a cat", "--schedule", name]).schedule == name
     assert check_params("generate", {"prompt": "a cat", "schedule": name})["schedule"] == name
+
+
+def test_the_app_grounded_tab_passes_its_schedule(tiny_pipe, monkeypatch):
+    from attnedit.surfaces import webapp_tabs as tabs
+
+    seen = []
+    real = tabs.refocus
+    monkeypatch.setattr(tabs, "refocus", lambda pipe, layout, config, **kw: seen.append(config) or real(
+        pipe, layout, config=config, **kw))
+    image, _ = tabs.run_grounded(tiny_pipe("sd15"), "a cat and a dog", "cat: 0,0,0.5,1\ndog: 0.5,0,1,1", 0, 2, 1, 7.5,
+                                 "fast")
+    assert seen[0].schedule == "fast" and image.dtype.name == "uint8"
+    assert "fast" in tabs.SCHEDULES and tabs.DEFAULT_SCHEDULE == "ce0439c"

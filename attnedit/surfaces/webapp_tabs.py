@@ -20,7 +20,7 @@ from attnedit.core.families import detect_family
 from attnedit.methods.attention_maps import token_heatmaps
 from attnedit.methods.head_guidance import load_heads, perturbed_guidance
 from attnedit.methods.radial import RadialAttention
-from attnedit.methods.refocusing import Layout, RefocusConfig, Region, token_layout
+from attnedit.methods.refocusing import DEFAULT_SCHEDULE, SCHEDULES, Layout, RefocusConfig, Region, token_layout  # noqa: F401
 from attnedit.models.zoo import denoiser
 from attnedit.pipelines.design_edit import PAN_DIRECTIONS, DesignEditConfig, DesignEditor  # noqa: F401
 from attnedit.pipelines.radial import generate_radial
@@ -121,11 +121,12 @@ class _DetachedRecorder(AttentionRecorder):
 
 
 def run_grounded(pipe: Any, prompt: str, boxes: str, seed: int, steps: int, refocus_steps: int,
-                 guidance: float, **options: Any) -> tuple[np.ndarray, list]:
-    """Refocused image (H, W, 3) uint8 and [(heat map, phrase)] averaged over each phrase's tokens; ``options``
-    (width, height, negative_prompt) go to the pipeline."""
+                 guidance: float, schedule: str = DEFAULT_SCHEDULE, **options: Any) -> tuple[np.ndarray, list]:
+    """Refocused image (H, W, 3) uint8 and [(heat map, phrase)] averaged over each phrase's tokens; ``schedule``
+    names a refocusing schedule (``SCHEDULES``: the cheap ``fast`` too); ``options`` (width, height,
+    negative_prompt) go to the pipeline."""
     layout = check_phrases(parse_layout(prompt, boxes))
-    config = RefocusConfig(refocus_steps=int(refocus_steps))
+    config = RefocusConfig(schedule=schedule, refocus_steps=int(refocus_steps))
     sd3 = getattr(pipe, "transformer", None) is not None
     recorder = _DetachedRecorder(kinds=frozenset({"joint" if sd3 else "cross"}), branches=frozenset({"cond"}),
                                  queries="image" if sd3 else "all")
