@@ -551,7 +551,7 @@ def test_bad_calls(tiny_pipe):
         RefocusConfig(losses=("car", "cfg"))
     with pytest.raises(ValueError, match=r"step_sizes=\(\(5, 4.0\), \(3, 1.0\)\) must be .* increasing"):
         RefocusConfig(step_sizes=((5, 4.0), (3, 1.0)))
-    with pytest.raises(ValueError, match=r"schedule='v2' must be one of \['b79fba5', 'ce0439c', 'fast', 'fast-front'\]"):
+    with pytest.raises(ValueError, match=r"schedule='v2' must be one of \['b79fba5', 'ce0439c', 'fast', 'fast-15', 'fast-front'\]"):
         RefocusConfig(schedule="v2")
     with pytest.raises(ValueError, match=r"loss_scale=nan must be a finite number > 0"):
         RefocusConfig(loss_scale=float("nan"))
@@ -842,6 +842,6 @@ def test_schedule_is_a_checked_job_field_and_cli_flag():
     from attnedit.surfaces.params import check_params
 
     assert check_params("generate", {"prompt": "a cat", "schedule": "b79fba5"})["schedule"] == "b79fba5"
-    with pytest.raises(ValueError, match=r"schedule='v3'; valid: \['ce0439c', 'b79fba5', 'fast', 'fast-front'\]"):
+    with pytest.raises(ValueError, match=r"schedule='v3'; valid: \['ce0439c', 'b79fba5', 'fast', 'fast-15', 'fast-front'\]"):
         check_params("generate", {"prompt": "a cat", "schedule": "v3"})
     assert build_parser().parse_args(["generate", "a cat", "--schedule", "b79fba5"]).schedule == "b79fba5"

@@ -9,15 +9,16 @@ from attnedit import install
 from attnedit.methods.refocusing import SCHEDULES, RefocusConfig
 
 
-def test_fast_schedules_are_one_update_per_step_over_ce0439c_first_20_steps():
-    for name, maps in (("fast", "all"), ("fast-front", "front")):
-        fast, ce = RefocusConfig(schedule=name), RefocusConfig()
-        steps = [i for i in range(50) if fast.refocuses(i)]
-        assert steps == list(range(20)) and {fast.max_iterations(i) for i in steps} == {1}
-        assert [fast.step_size(i) for i in (0, 9, 10, 19)] == [3.0, 3.0, 2.0, 2.0]
-        assert all(fast.step_size(i) == ce.step_size(i) for i in steps)  # ce0439c's scales, fewer updates
-        assert fast.map_span == maps and not fast.gated and SCHEDULES[name].peak_threshold is None
-        assert [i for i in range(20) if fast.refocuses(i, 20)] == list(range(8))  # 8 updates in 20 steps
+@pytest.mark.parametrize("name, maps, until, in_20_steps", [("fast", "all", 20, 8), ("fast-15", "all", 15, 6),
+                                                             ("fast-front", "front", 20, 8)])
+def test_fast_schedules_are_one_update_per_step_over_ce0439c_first_steps(name, maps, until, in_20_steps):
+    fast, ce = RefocusConfig(schedule=name), RefocusConfig()
+    steps = [i for i in range(50) if fast.refocuses(i)]
+    assert steps == list(range(until)) and {fast.max_iterations(i) for i in steps} == {1}
+    assert [fast.step_size(i) for i in (0, 9, 10, 14)] == [3.0, 3.0, 2.0, 2.0]
+    assert all(fast.step_size(i) == ce.step_size(i) for i in steps)  # ce0439c's scales, fewer updates
+    assert fast.map_span == maps and not fast.gated and SCHEDULES[name].peak_threshold is None
+    assert [i for i in range(20) if fast.refocuses(i, 20)] == list(range(in_20_steps))  # read at i * 50 // 20
     assert RefocusConfig().map_span == "all" and RefocusConfig(schedule="fast", maps="all").map_span == "all"
     with pytest.raises(ValueError, match=r"maps='back' must be one of \('all', 'front'\)"):
         RefocusConfig(maps="back")
@@ -50,7 +51,7 @@ def test_front_maps_are_the_first_half_of_the_map_layers(tiny_pipe):
         assert map_layers(handle, None, None, None, RefocusConfig(schedule="fast-front"))[2] == frozenset({0})
 
 
-@pytest.mark.parametrize("name", ["fast", "fast-front"])
+@pytest.mark.parametrize("name", ["fast", "fast-15", "fast-front"])
 def test_cli_and_jobs_accept_the_cheap_schedules(name):
     from attnedit.surfaces.cli import build_parser
     from attnedit.surfaces.params import check_params

@@ -245,7 +245,7 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
 
     Parameters: prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images; ``layout`` (a
     refocusing layout: dict or JSON path; its prompt is used unless ``prompt`` is given), ``refocus_steps``,
-    ``schedule`` (``ce0439c``, ``b79fba5``, ``fast`` or ``fast-front``);
+    ``schedule`` (``ce0439c``, ``b79fba5``, ``fast``, ``fast-15`` or ``fast-front``);
     ``heads`` (head set, e.g. "L1H0,L1H1" or a ranking file), ``pag_scale``, ``pag_strength``.
     """
     import contextlib

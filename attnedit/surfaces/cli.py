@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layout", help="refocusing layout JSON: {prompt, regions: [{phrase, boxes: [[x0,y0,x1,y1]]}]}")
     gen.add_argument("--refocus-steps", type=int, help="refocus only steps below this (default: the schedule's steps)")
     gen.add_argument("--schedule", choices=tuple(SCHEDULES), help="refocusing schedule (default ce0439c, the "
-                     "authors' code for plain SD; b79fba5: their HEAD, tuned for GLIGEN; fast: 20 updates, about "
-                     "x1.5 the time of plain generation; fast-front: fast with maps from the front layers)")
+                     "authors' code for plain SD, up to 110 updates; b79fba5: their HEAD, tuned for GLIGEN; cheap "
+                     "ones: fast (20 updates), fast-15 (15), fast-front (20, maps from the front layers only))")
     gen.add_argument("--heads", help="perturbed-attention guidance heads, e.g. 'L1H0,L1H1', '7:3', 'L7', ranking.json or a preset "
                      "(attnedit presets)")
     gen.add_argument("--pag-scale", type=float, help="guidance scale of the perturbed branch (default 3.0)")
