@@ -1,8 +1,8 @@
 """Cost of attention refocusing: time and peak memory of a refocused generation vs the plain pipeline, same run.
 
 Models: the tiny zoo pipelines (SD 1.5, SDXL, SD3, FLUX; random weights) at 256 px and the built-in ``shapes-t2i``
-at its 64 px, all at the paper's schedule (``RefocusConfig()`` defaults: 50 steps, the first 25 refocused, 5 inner
-iterations in steps 0-4 and 1 after, CAR + SAR, early stop at loss < 0.1 or every box peak >= 0.2).
+at its 64 px, with the default schedule capped at ``--refocus-steps`` (25). Every named schedule side by side,
+with its effect: ``refocusing_frontier.py``.
 
 * Time: one subprocess per model (one torch thread) alternates plain and refocused generations in rounds after a
   warm-up of each (:func:`harness.compare`, which spreads slow drifts of a shared machine over both sides) and
@@ -226,7 +226,7 @@ def _conditional_inputs(pipe, args: argparse.Namespace):
     """(forward(x, t), x, t): the refocusing forward of the benchmark layout's prompt, its noise and first step."""
     import torch
 
-    from attnedit.core.families import detect_family
+    from attnedit.families import detect_family
     from attnedit.models.zoo import denoiser
     from attnedit.pipelines import refocusing as pr
 
