@@ -119,6 +119,29 @@ def test_guidance_by_preset_name_equals_guidance_by_its_heads():
     assert (outputs[0] - plain).abs().max() > 1e-4  # the preset's heads are perturbed
 
 
+def test_structure_preset_is_the_searched_heads_and_guides_without_cfg():
+    import json
+    import pathlib
+
+    from attnedit.shapes.builtin import load_builtin
+
+    preset = head_presets()["shapes-t2i-structure"]
+    results = pathlib.Path(__file__).parents[1] / "benchmarks" / "results" / "guidance_without_cfg.json"
+    measured = json.loads(results.read_text())["results"]["models"]["shapes-t2i"]
+    assert preset["spec"] == measured["search"]["spec"] == format_heads("shapes-t2i-structure")
+    assert measured["ship"]["ship_preset"] and preset["held_out"]["beats_plain_and_pag_beyond_2se"]
+    pipe = load_builtin("shapes-t2i")
+    outputs = []
+    for heads in ("shapes-t2i-structure", preset["spec"]):  # no CFG: eps_c + w (eps_c - eps_p)
+        with perturbed_guidance(pipe, heads, scale=1.5):
+            outputs.append(pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                                generator=torch.Generator().manual_seed(0)).images)
+    plain = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert (outputs[0] - plain).abs().max() > 1e-4
+
+
 BAD_EDITS = [  # SoftPAG(**options): each bad value is one ValueError naming the argument
     ({"strength": 1.5}, r"strength=1.5 must be in \[0, 1\]"), ({"strength": -0.1}, "strength=-0.1"),
     ({"strength": math.nan}, "strength=nan"), ({"strength": math.inf}, "strength=inf"), ({"strength": "1"}, "strength='1'"),
