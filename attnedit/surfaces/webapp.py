@@ -7,15 +7,18 @@ Every button shares ``concurrency_id="model"``: one job at a time touches the mo
 from __future__ import annotations
 
 import argparse
-import logging
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 
+from attnedit.surfaces import webapp_session as session
 from attnedit.surfaces import webapp_tabs as tabs
 from attnedit.surfaces.loading import DEFAULT_MODEL, load_pipeline
+from attnedit.surfaces.webapp_errors import friendly, hint_unknown, readable_upload
 from attnedit.surfaces.webapp_maps import MAX_STEPS, generate_with_maps
 from attnedit.surfaces.webapp_results import (
+    History,
     image_controls,
     image_options,
     seed_controls,
@@ -25,80 +28,14 @@ from attnedit.surfaces.webapp_results import (
 )
 from attnedit.surfaces.webapp_video_edit import video_edit_tab
 
-
-def friendly(fn):
-    """Show a ValueError to the user as a gr.Error message, and the sampling steps as the event's progress bar.
-
-    gradio tracks tqdm bars (diffusers' steps) for a function whose signature ends in a positional
-    ``progress=gr.Progress(track_tqdm=True)``: the wrapper shows ``fn``'s positional parameters plus that one.
-    """
-    import inspect
-
-    import gradio as gr
-
-    def wrapper(*args, **kwargs):
-        args = [a for a in args if not isinstance(a, gr.Progress)]
-        kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, gr.Progress)}
-        try:
-            return fn(*args, **kwargs)
-        except ValueError as error:  # bad input: a message, no server traceback
-            raise gr.Error(str(error), print_exception=False) from None
-        except gr.Error:
-            raise
-        except Exception as error:  # a fault of the app or the model: logged, and still a readable message
-            logging.getLogger("attnedit.app").exception("the app failed")
-            raise gr.Error(f"{type(error).__name__}: {error}", print_exception=False) from None
-
-    wrapper.__name__ = wrapper.__qualname__ = getattr(fn, "__name__", "run")  # a partial has none
-    wrapper.__doc__ = fn.__doc__
-    signature = inspect.signature(fn)
-    kinds = [p.kind for p in signature.parameters.values()]
-    if inspect.Parameter.VAR_POSITIONAL not in kinds:  # else nothing can follow: no progress bar
-        positional = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        progress = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                     default=gr.Progress(track_tqdm=True))
-        wrapper.__signature__ = signature.replace(parameters=[*positional, progress])
-    return wrapper
-
-
-def readable_upload(component):
-    """An image input whose unreadable upload is a message ("not an image this app can read"), not a traceback."""
-    import gradio as gr
-
-    preprocess = component.preprocess
-
-    def checked(payload):
-        try:
-            return preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as error:
-            name = getattr(payload, "orig_name", None) or "the upload"
-            raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP): {type(error).__name__}",
-                           print_exception=False) from None
-
-    component.preprocess = checked
-    return component
-
-
 ENLARGE_CSS = """<style>.enlarged img {image-rendering: pixelated; width: 100% !important; height: 100% !important;
 object-fit: contain;}</style>"""  # small built-in results shown big, nearest-neighbour
 
 
-def hint_unknown(pipe, prompt: str) -> None:
-    """A warning (not an error) naming prompt words a built-in model never saw: it reads them letter by letter."""
+def maps_tab(model: session.AppModel, history: History) -> dict:
     import gradio as gr
 
-    words = tabs.unknown_words(pipe, prompt)
-    if words:
-        from attnedit.shapes.world import WORDS
-
-        gr.Warning(f"this model does not know {', '.join(map(repr, words))}: it reads them letter by letter. "
-                   f"Its words: {' '.join(WORDS)}")
-
-
-def maps_tab(pipe) -> None:
-    import gradio as gr
-
-    settings = tabs.model_settings(pipe)
+    settings = tabs.model_settings(model.pipe)
 
     with gr.Row():
         with gr.Column():
@@ -111,11 +48,13 @@ def maps_tab(pipe) -> None:
             button = gr.Button("Generate", variant="primary")
             stop = stop_button("maps")
         with gr.Column():
-            image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320, elem_classes="enlarged")
+            image = gr.Image(label="Image", format="png", elem_id="maps-image", height=320, elem_classes="enlarged",
+                             type="filepath")
             maps = gr.Gallery(label="Attention of the image to each word", columns=4, elem_id="maps-gallery",
                               elem_classes="enlarged")
 
     def run(p, s, n, g, r, width, height, negative):
+        pipe = model.image_pipe()
         hint_unknown(pipe, p)
         s, options = tabs.pick_seed(s, r), image_options(pipe, width, height, negative)
         image, maps = generate_with_maps(pipe, p, s, int(n), float(g), **options)
@@ -123,30 +62,33 @@ def maps_tab(pipe) -> None:
 
     run = friendly(run)
     inputs = [prompt, seed, steps, guidance, randomize, *size]
-    stops(stop, button.click(run, inputs, [image, maps, seed], api_name="generate", concurrency_id="model"))
+    event = button.click(run, inputs, [image, maps, seed], api_name="generate", concurrency_id="model")
+    stops(stop, event)
+    history.record(event, "Attention maps", [image])
+    return {steps: "steps", guidance: "guidance", size[0]: "width", size[1]: "height"}
 
 
-def _box_canvas():
-    """A blank canvas to draw named boxes on (gradio_image_annotation)."""
+def _box_canvas(boxes: str):
+    """A canvas to draw named boxes on (gradio_image_annotation), showing ``boxes`` in the preview's colours."""
     from gradio_image_annotation import image_annotator
 
     return image_annotator(
-        value={"image": tabs.blank_canvas(), "boxes": []}, label_list=["phrase"], image_type="numpy",
+        value=tabs.layout_canvas(boxes), label_list=["phrase"], image_type="numpy",
         show_label=False, elem_id="grounded-canvas",
     )
 
 
-def grounded_tab(pipe) -> None:
+def grounded_tab(model: session.AppModel, history: History) -> dict:
     import gradio as gr
 
     boxes_value = "red circle: 0.05,0.3,0.4,0.7\nblue square: 0.6,0.3,0.95,0.7"
-    settings = tabs.model_settings(pipe)
+    settings = tabs.model_settings(model.pipe)
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", value="a red circle and a blue square on a gray background",
                                 elem_id="grounded-prompt")
             with gr.Accordion("Draw boxes (label each with its phrase), then 'Use drawn boxes'", open=False):
-                canvas = _box_canvas()
+                canvas = _box_canvas(boxes_value)
                 use_drawn = gr.Button("Use drawn boxes", elem_id="grounded-use-drawn")
             boxes = gr.Textbox(label="Boxes: one 'phrase: x0,y0,x1,y1' per line (0..1; several boxes: ';')",
                                value=boxes_value, lines=4, elem_id="grounded-boxes")
@@ -163,12 +105,18 @@ def grounded_tab(pipe) -> None:
             stop = stop_button("grounded")
         with gr.Column():
             preview = gr.Image(label="Layout", value=tabs.preview_layout(boxes_value), height=256, interactive=False)
-            image = gr.Image(label="Image", format="png", elem_id="grounded-image", height=256, elem_classes="enlarged")
+            image = gr.Image(label="Image", format="png", elem_id="grounded-image", height=256, elem_classes="enlarged",
+                             type="filepath")
             maps = gr.Gallery(label="Attention per phrase", columns=4, elem_id="grounded-maps", height=180,
                               elem_classes="enlarged")
-    boxes.change(tabs.preview_layout, boxes, preview, queue=False, api_visibility="private")
+    def show_layout(text):  # the preview and the canvas in the same colours (a half-typed line keeps the canvas)
+        return tabs.preview_layout(text), tabs.layout_canvas(text) or gr.skip()
+
+    boxes.change(show_layout, boxes, [preview, canvas], queue=False, api_visibility="private")
     use_drawn.click(friendly(tabs.annotations_to_lines), canvas, boxes, api_visibility="private")
+
     def run(prompt, boxes, seed, steps, refocus_steps, guidance, randomize, schedule, width, height, negative):
+        pipe = model.image_pipe()
         hint_unknown(pipe, prompt)
         seed, options = tabs.pick_seed(seed, randomize), image_options(pipe, width, height, negative)
         image, maps = tabs.run_grounded(pipe, prompt, boxes, seed, steps, refocus_steps, guidance, schedule, **options)
@@ -177,13 +125,16 @@ def grounded_tab(pipe) -> None:
 
     run = friendly(run)
     inputs = [prompt, boxes, seed, steps, refocus_steps, guidance, randomize, schedule, *size]
-    stops(stop, button.click(run, inputs, [image, maps, seed], api_name="grounded", concurrency_id="model"))
+    event = button.click(run, inputs, [image, maps, seed], api_name="grounded", concurrency_id="model")
+    stops(stop, event)
+    history.record(event, "Grounded", [image])
+    return {steps: "steps", refocus_steps: "refocus_steps", guidance: "guidance", size[0]: "width", size[1]: "height"}
 
 
-def edit_tab(pipe) -> None:
+def edit_tab(model: session.AppModel, history: History) -> dict:
     import gradio as gr
 
-    settings, edit = tabs.model_settings(pipe), tabs.edit_settings(pipe)  # the model's own, at its native size
+    settings, edit = tabs.model_settings(model.pipe), tabs.edit_settings(model.pipe)  # the model's own, native size
     with gr.Row():
         with gr.Column():
             source = readable_upload(gr.Image(label="Image", type="numpy", sources=["upload", "clipboard"],
@@ -210,7 +161,8 @@ def edit_tab(pipe) -> None:
             button = gr.Button("Edit", variant="primary", elem_id="edit-run")
             stop = stop_button("edit")
         with gr.Column():
-            result = gr.Image(label="Result", format="png", elem_id="edit-image", height=320, elem_classes="enlarged")
+            result = gr.Image(label="Result", format="png", elem_id="edit-image", height=320, elem_classes="enlarged",
+                              type="filepath")
             preview = gr.Image(label="Region to repaint: mask (red) and its growth (yellow)", elem_id="edit-preview",
                                height=200, interactive=False, elem_classes="enlarged")
 
@@ -221,7 +173,7 @@ def edit_tab(pipe) -> None:
     def growth_for(image, value, operation):
         """The model's mask growth, in pixels of the image being edited (zoom-out and pan: the fill growth)."""
         shown = tabs.edit_source(image, value)
-        return tabs.edit_settings(pipe, shown)["fill_growth" if operation in ("zoom out", "pan") else "growth"]
+        return tabs.edit_settings(model.image_pipe(), shown)["fill_growth" if operation in ("zoom out", "pan") else "growth"]
 
     def mask_of(image, value, box_text):
         image = tabs.edit_source(image, value)
@@ -240,6 +192,7 @@ def edit_tab(pipe) -> None:
         image, mask = mask_of(image, value, box_text)
         options = {"dx": dx, "dy": dy, "scale": scale, "flip": flip, "pan": pan, "amount": amount, "steps": steps,
                    "growth": growth, "hole_noise": hole_noise, "guidance_scale": guidance}
+        pipe = model.image_pipe()
         return with_parameters(tabs.run_edit(pipe, image, mask, operation, **options), pipe, prompt=operation,
                                operation=operation, box=box_text, **options)
 
@@ -250,12 +203,16 @@ def edit_tab(pipe) -> None:
         event(friendly(show_region), [source, editor, box, growth], preview, api_visibility="private",
               trigger_mode="always_last")
     inputs = [source, editor, box, operation, dx, dy, scale, flip, pan, amount, steps, growth, hole_noise, guidance]
-    stops(stop, button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model"))
+    event = button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model")
+    stops(stop, event)
+    history.record(event, "Edit", [result])
+    return {steps: "steps", growth: "growth", hole_noise: "hole_noise", guidance: "edit_guidance"}
 
 
-def guidance_tab(pipe) -> None:
+def guidance_tab(model: session.AppModel, history: History) -> dict:
     import gradio as gr
 
+    settings = tabs.model_settings(model.pipe)
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", value="a big yellow triangle and a small green circle",
@@ -264,18 +221,22 @@ def guidance_tab(pipe) -> None:
             ranking = gr.File(label="...or a HeadHunter ranking JSON", file_types=[".json"], type="filepath", height=80)
             with gr.Row():
                 seed, randomize = seed_controls("guidance")
-                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                steps = gr.Slider(1, MAX_STEPS, value=settings["steps"], step=1, label="Steps")
             with gr.Row():
-                guidance = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="CFG scale")
+                guidance = gr.Slider(1.0, 15.0, value=settings["guidance_scale"], step=0.5, label="CFG scale")
                 scale = gr.Slider(0.0, 10.0, value=3.0, step=0.5, label="Head guidance scale (w_pag)")
                 strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Strength u")
-            size = image_controls(tabs.model_settings(pipe), "guidance")
+            size = image_controls(settings, "guidance")
             button = gr.Button("Generate both", variant="primary", elem_id="guidance-run")
             stop = stop_button("guidance")
         with gr.Column(), gr.Row():
-            plain = gr.Image(label="Without head guidance", format="png", elem_id="guidance-off", height=320)
-            guided = gr.Image(label="With head guidance", format="png", elem_id="guidance-on", height=320)
+            plain = gr.Image(label="Without head guidance", format="png", elem_id="guidance-off", height=320,
+                             type="filepath")
+            guided = gr.Image(label="With head guidance", format="png", elem_id="guidance-on", height=320,
+                              type="filepath")
+
     def run(prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize, width, height, negative):
+        pipe = model.image_pipe()
         seed, options = tabs.pick_seed(seed, randomize), image_options(pipe, width, height, negative)
         images = tabs.run_head_guidance(pipe, prompt, heads, ranking, seed, steps, guidance, scale, strength, **options)
         params = {"prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance, **options}
@@ -284,17 +245,25 @@ def guidance_tab(pipe) -> None:
 
     run = friendly(run)
     inputs = [prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize, *size]
-    stops(stop, button.click(run, inputs, [plain, guided, seed], api_name="head_guidance", concurrency_id="model"))
+    event = button.click(run, inputs, [plain, guided, seed], api_name="head_guidance", concurrency_id="model")
+    stops(stop, event)
+    history.record(event, "Head guidance", [plain, guided])
+    return {steps: "steps", guidance: "guidance", size[0]: "width", size[1]: "height"}
 
 
-def video_tab(pipe) -> None:
+def video_tab(model: session.AppModel, history: History) -> dict:
     import gradio as gr
 
+    pipe = model.pipe
     own = tabs.is_video(pipe)
     note = ("Radial attention on this video model." if own else
             "Radial attention needs a video model (Wan, HunyuanVideo). This app's model is not one, so the tab "
             "loads the built-in shapes-t2v model (a small trained Wan) on the first run.")
-    cached = {"pipe": pipe if own else None}
+    cached = {"pipe": None}
+
+    def own_video() -> bool:  # the picked model makes videos: the tab runs it, else the built-in shapes-t2v
+        return tabs.is_video(model.pipe)
+
     # the model's own frames and size: its trained 9 frames at 32 px for the built-in video model
     video = tabs.model_settings(pipe) if own else tabs.builtin_video_settings()
     with gr.Row():
@@ -327,36 +296,40 @@ def video_tab(pipe) -> None:
 
     def run(prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed, randomize):
         seed = tabs.pick_seed(seed, randomize)
-        if cached["pipe"] is None:  # the sizes are checked against the model that will run
+        if cached["pipe"] is None and not own_video():  # the sizes are checked against the model that will run
             cached["pipe"] = tabs.load_tiny_video_pipeline()
-        hint_unknown(cached["pipe"], prompt)
-        tabs.check_size(cached["pipe"], width, height, frames)
-        out = tabs.run_video(cached["pipe"], prompt, radial=radial, dense_steps=dense_steps, dense_layers=dense_layers,
+        pipe = model.pipe if own_video() else cached["pipe"]
+        hint_unknown(pipe, prompt)
+        tabs.check_size(pipe, width, height, frames)
+        out = tabs.run_video(pipe, prompt, radial=radial, dense_steps=dense_steps, dense_layers=dense_layers,
                              decay=decay, block_size=block, frames=frames, height=height, width=width, steps=steps,
                              seed=seed)
         return tabs.frames_to_video(out), out, seed
 
     inputs = [prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed, randomize]
-    stops(stop, button.click(friendly(run), inputs, [video, gallery, seed], api_name="video", concurrency_id="model"))
+    event = button.click(friendly(run), inputs, [video, gallery, seed], api_name="video", concurrency_id="model")
+    stops(stop, event)
+    fields = {"prompt": prompt, "seed": seed, "steps": steps, "frames": frames, "radial": radial}
+    history.record_frames(event, "Video", gallery, fields, lambda: model.name if own_video() else "shapes-t2v")
+    return {frames: "frames", width: "video_width", height: "video_height"}
 
 
-def build_app(pipe, model_name: str):
+def build_app(pipe, model_name: str, loader=None):
+    """The app on ``pipe``; the model picker switches every tab to a built-in or ``loader(name)``'s pipeline."""
     import gradio as gr
 
+    model = session.AppModel(pipe, model_name, loader)
     with gr.Blocks(title="attnedit") as demo:
-        gr.Markdown(f"# attnedit\nModel: `{model_name}`. Edit what the model attends to.")
+        gr.Markdown("# attnedit\nEdit what the model attends to.")
         gr.HTML(ENLARGE_CSS, padding=False)
-        with gr.Tab("Attention maps"):
-            maps_tab(pipe)
-        with gr.Tab("Grounded generation"):
-            grounded_tab(pipe)
-        with gr.Tab("Edit"):
-            edit_tab(pipe)
-        with gr.Tab("Head guidance"):
-            guidance_tab(pipe)
-        with gr.Tab("Video"):
-            video_tab(pipe)
+        picker, history, controls = session.model_picker(model), History(), {}
+        for name, tab in (("Attention maps", maps_tab), ("Grounded generation", grounded_tab), ("Edit", edit_tab),
+                          ("Head guidance", guidance_tab), ("Video", video_tab)):
+            with gr.Tab(name):
+                controls.update(tab(model, history))
         video_edit_tab(pipe)  # "Remove from video": attnedit.surfaces.webapp_video_edit
+        history.render()
+        session.wire_picker(model, picker, controls)
     return demo
 
 
@@ -372,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model, memory=args.memory, quantize=args.quantize, lora=args.lora, variant=args.variant)
     pipe.set_progress_bar_config(disable=False)  # its steps are the app's progress bar (friendly)
-    demo = build_app(pipe, args.model)
+    loader = functools.partial(load_pipeline, memory=args.memory)  # the models the picker loads
+    demo = build_app(pipe, args.model, loader)
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size="10mb")
     return 0

@@ -82,3 +82,49 @@ def stop_button(prefix: str) -> Any:
 def stops(stop: Any, event: Any) -> None:
     """``stop`` cancels ``event`` (Gradio's ``cancels``: a queued job is dropped, a running one is interrupted)."""
     stop.click(None, cancels=[event], api_visibility="private")
+
+
+class History:
+    """The session's results, newest first with their seed and parameters (:func:`webapp_session.remember`), in a
+    gallery under the tabs. Create it inside the app's ``gr.Blocks``; :meth:`render` places the gallery."""
+
+    def __init__(self) -> None:
+        import gradio as gr
+
+        self.state = gr.State([])  # per browser session, at most webapp_session.HISTORY_SIZE entries
+        self.gallery = gr.Gallery(label="History: this session's results, newest first (seed and settings under "
+                                  "each)", columns=8, height="auto", elem_id="history", elem_classes="enlarged",
+                                  render=False, interactive=False)
+
+    def render(self) -> None:
+        import gradio as gr
+
+        with gr.Accordion("History", open=True):
+            self.gallery.render()
+
+    def record(self, event: Any, tab: str, images: list[Any]) -> None:
+        """After ``event`` succeeds, put its result ``images`` (type="filepath" outputs: the PNGs served, which
+        carry their parameters) first in the history."""
+        from attnedit.surfaces.webapp_session import remember, served_parameters
+
+        def add(history: list, *paths: str | None) -> tuple[list, list]:
+            entries = remember(history, [(p, served_parameters(p), tab) for p in paths])
+            return entries, entries
+
+        event.success(add, [self.state, *images], [self.state, self.gallery], queue=False, api_visibility="private")
+
+    def record_frames(self, event: Any, tab: str, frames: Any, fields: dict[str, Any], model_name: Any) -> None:
+        """After ``event`` succeeds, put a strip of its ``frames`` gallery first, captioned with the ``fields``
+        components' values (the seed box holds the seed used) and ``model_name()``."""
+        from attnedit.surfaces.webapp_session import frame_strip, remember
+
+        names = list(fields)
+
+        def add(history: list, shown: list | None, *values: Any) -> tuple[list, list]:
+            strip = frame_strip([item[0] if isinstance(item, (list, tuple)) else item for item in shown or []])
+            params = {**dict(zip(names, values)), "model": model_name()}
+            entries = remember(history, [(strip, params, tab)])
+            return entries, entries
+
+        inputs = [self.state, frames, *fields.values()]
+        event.success(add, inputs, [self.state, self.gallery], queue=False, api_visibility="private")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw
 
 from attnedit.core.edits import AttentionRecorder
 from attnedit.core.families import detect_family
@@ -187,6 +187,19 @@ def preview_layout(boxes: str) -> np.ndarray | None:
         return draw_layout(parse_layout("preview", boxes))
     except ValueError:
         return None
+
+
+def layout_canvas(boxes: str) -> dict | None:
+    """The box canvas's value showing ``boxes`` ('phrase: x0,y0,x1,y1' lines) in the preview's colours, each box
+    labelled with its phrase: the drawn and the typed layout look alike. None when the lines do not parse yet."""
+    try:
+        layout = parse_layout("preview", boxes)
+    except ValueError:
+        return None
+    drawn = [{"xmin": round(x0 * CANVAS), "ymin": round(y0 * CANVAS), "xmax": round(x1 * CANVAS),
+              "ymax": round(y1 * CANVAS), "label": region.phrase, "color": list(ImageColor.getrgb(color))}
+             for region, color in zip(layout.regions, COLORS * 8) for x0, y0, x1, y1 in region.boxes]
+    return {"image": blank_canvas(), "boxes": drawn}
 
 
 # ----------------------------------------------------------------------------------------------- DesignEdit
