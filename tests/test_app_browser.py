@@ -86,7 +86,7 @@ def run_and_wait(page, button, selector: str, timeout: int = 120_000) -> int:
     return image.evaluate("img => img.naturalWidth")
 
 
-def shown_image(page, selector: str):
+def shown_image(page, selector: str, index: int = 0):
     """The image the browser shows under ``selector``, as a uint8 (H, W, 3) array (what the detector judges)."""
     import base64
     import io
@@ -94,9 +94,15 @@ def shown_image(page, selector: str):
     import numpy as np
     from PIL import Image
 
-    src = page.locator(f"{selector} img").first.get_attribute("src")
+    src = page.locator(f"{selector} img").nth(index).get_attribute("src")
     data = base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:") else page.request.get(src).body()
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def overlay_heat(image, overlaid):
+    """The heat (0..1) of an attention map the app laid over ``image`` (webapp_tabs.overlay), read back from red."""
+    red, over = image[..., 0].astype(float), overlaid[..., 0].astype(float)
+    return (over - 0.615 * red) / (140.25 - 0.165 * red)
 
 
 def png_parameters(page, selector: str) -> dict:
@@ -118,6 +124,14 @@ def test_generation_shows_an_image_and_token_maps(page, tmp_path):
     assert run_and_wait(page, page.get_by_role("button", name="Generate", exact=True), "#maps-image") == 64
     page.locator("#maps-gallery img").first.wait_for(state="visible", timeout=60_000)
     assert page.locator("#maps-gallery img").count() >= 3
+    from attnedit.shapes import world
+
+    image = shown_image(page, "#maps-image")  # the word's attention lies on the object the detector finds
+    assert "red" in world.detect(image)
+    inside = world.colour_labels(image) == list(world.COLOURS).index("red")
+    for index in (1, 2):  # "red", "circle": its map mass inside the object is well above outside
+        heat = overlay_heat(image, shown_image(page, "#maps-gallery", index))
+        assert heat[inside].mean() > 1.5 * heat[~inside].mean()
     # the 64 px result is shown enlarged, nearest-neighbour
     shown = page.locator("#maps-image img").first.evaluate(
         "img => [img.getBoundingClientRect().width, getComputedStyle(img).imageRendering]")
@@ -191,8 +205,7 @@ def test_edit_uploads_an_image_and_removes_a_box(page, tmp_path):
     found = world.detect(shown_image(page, "#edit-image"))  # the default removal: the circle gone, the square kept
     assert "red" not in found and found["blue"].shape == "square"
     page.locator("#edit-preview img").first.wait_for(state="visible", timeout=60_000)  # the grown mask's preview
-    page.wait_for_load_state("networkidle")
-    shoot(page, tmp_path, "edit")
+    shoot(page, tmp_path, "edit")  # (it waits for the shown images; the queue's stream keeps the network busy)
 
 
 def test_an_unreadable_upload_is_a_message(page, tmp_path):
@@ -209,6 +222,10 @@ def test_head_guidance_shows_both_images(page, tmp_path):
     assert run_and_wait(page, page.locator("#guidance-run"), "#guidance-on") == 64
     assert page.locator("#guidance-off img").evaluate("img => img.naturalWidth") == 64
     assert png_parameters(page, "#guidance-on")["heads"] == "L1H0,L1H1"
+    from attnedit.shapes import world
+
+    for selector in ("#guidance-off", "#guidance-on"):  # both of the caption's objects (by colour) in each
+        assert {"yellow", "green"} <= set(world.detect(shown_image(page, selector)))
     assert "heads" not in png_parameters(page, "#guidance-off")
     # a random seed, shown back and embedded in both results (each generating tab has the option)
     page.locator("#guidance-random input").check()
@@ -246,14 +263,47 @@ def test_video_tab_loads_the_builtin_video_model_and_shows_frames(page, tmp_path
     open_tab(page, "Video")
     run_and_wait(page, page.locator("#video-run"), "#video-frames")
     assert page.locator("#video-frames img").count() == 9  # the frames shapes-t2v was trained on
+    from attnedit.shapes import world
+
+    found = [world.detect(shown_image(page, "#video-frames", i)).get("red") for i in (0, 4, 8)]  # a red object in every frame, moving right as the prompt asks
+    assert all(found) and found[0].centre[0] < found[1].centre[0] < found[2].centre[0]
     assert page.locator("#video-random input").count() == 1
     shoot(page, tmp_path, "video")
 
 
-def test_box_canvas_renders_and_asks_for_boxes(page):
+def test_box_canvas_shows_the_typed_boxes_and_gives_them_back(page):
     open_tab(page, "Grounded generation")
     page.get_by_text("Draw boxes (label each with its phrase)").click()
     page.locator("#grounded-canvas canvas").first.wait_for(state="visible", timeout=30_000)
+    # the canvas shows the typed boxes (in the preview's colours): using them gives the same layout back
+    page.locator("#grounded-boxes textarea").fill("red circle: 0.1,0.2,0.5,0.6")
+    page.wait_for_timeout(1000)
     page.locator("#grounded-use-drawn").click()
-    page.wait_for_selector("text=draw at least one box", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#grounded-boxes textarea').value === "
+                           "'red circle: 0.100,0.199,0.500,0.600'", timeout=30_000)
+    page.locator("#grounded-boxes textarea").fill("red circle: 0.05,0.2,0.5,0.9\nblue square: 0.5,0.3,0.95,0.95")
+
+
+def test_the_history_shows_the_sessions_results_newest_first_with_their_seed(page):
+    history = page.locator("#history")
+    history.locator("img").first.wait_for(state="visible", timeout=30_000)
+    assert history.locator("img").count() >= 3  # the maps, grounded and edit results above
+    captions = history.locator(".caption-label").all_inner_texts()
+    assert "seed" in captions[0] and any(c.startswith("Attention maps") for c in captions)
+
+
+def test_the_model_picker_refuses_an_unknown_model_and_switches_to_a_builtin(page):
+    picker = page.locator("#model-picker input")
+    picker.fill("no-such-model")
+    page.locator("#model-load").click()
+    page.wait_for_selector("text=is not a built-in", timeout=60_000)
+    close_toasts(page)
+    picker.fill("shapes-dit")
+    page.locator("#model-load").click()
+    page.wait_for_selector("text=model: shapes-dit", timeout=60_000)
+    open_tab(page, "Attention maps")
+    page.wait_for_function("() => document.querySelector('#maps-width input').step === '8'", timeout=30_000)
+    picker.fill("shapes-t2i")
+    page.locator("#model-load").click()
+    page.wait_for_selector("text=model: shapes-t2i", timeout=60_000)
     close_toasts(page)
