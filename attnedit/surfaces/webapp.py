@@ -62,7 +62,8 @@ def maps_tab(model: session.AppModel, history: History) -> dict:
 
     run = friendly(run)
     inputs = [prompt, seed, steps, guidance, randomize, *size]
-    event = button.click(run, inputs, [image, maps, seed], api_name="generate", concurrency_id="model")
+    event = button.click(model.exclusive(run), inputs, [image, maps, seed], api_name="generate",
+                         concurrency_id="model", trigger_mode="always_last")
     stops(stop, event)
     history.record(event, "Attention maps", [image])
     return {steps: "steps", guidance: "guidance", size[0]: "width", size[1]: "height"}
@@ -125,7 +126,8 @@ def grounded_tab(model: session.AppModel, history: History) -> dict:
 
     run = friendly(run)
     inputs = [prompt, boxes, seed, steps, refocus_steps, guidance, randomize, schedule, *size]
-    event = button.click(run, inputs, [image, maps, seed], api_name="grounded", concurrency_id="model")
+    event = button.click(model.exclusive(run), inputs, [image, maps, seed], api_name="grounded",
+                         concurrency_id="model", trigger_mode="always_last")
     stops(stop, event)
     history.record(event, "Grounded", [image])
     return {steps: "steps", refocus_steps: "refocus_steps", guidance: "guidance", size[0]: "width", size[1]: "height"}
@@ -203,7 +205,8 @@ def edit_tab(model: session.AppModel, history: History) -> dict:
         event(friendly(show_region), [source, editor, box, growth], preview, api_visibility="private",
               trigger_mode="always_last")
     inputs = [source, editor, box, operation, dx, dy, scale, flip, pan, amount, steps, growth, hole_noise, guidance]
-    event = button.click(friendly(run), inputs, result, api_name="edit", concurrency_id="model")
+    event = button.click(model.exclusive(friendly(run)), inputs, result, api_name="edit", concurrency_id="model",
+                         trigger_mode="always_last")
     stops(stop, event)
     history.record(event, "Edit", [result])
     return {steps: "steps", growth: "growth", hole_noise: "hole_noise", guidance: "edit_guidance"}
@@ -245,7 +248,8 @@ def guidance_tab(model: session.AppModel, history: History) -> dict:
 
     run = friendly(run)
     inputs = [prompt, heads, ranking, seed, steps, guidance, scale, strength, randomize, *size]
-    event = button.click(run, inputs, [plain, guided, seed], api_name="head_guidance", concurrency_id="model")
+    event = button.click(model.exclusive(run), inputs, [plain, guided, seed], api_name="head_guidance",
+                         concurrency_id="model", trigger_mode="always_last")
     stops(stop, event)
     history.record(event, "Head guidance", [plain, guided])
     return {steps: "steps", guidance: "guidance", size[0]: "width", size[1]: "height"}
@@ -307,7 +311,8 @@ def video_tab(model: session.AppModel, history: History) -> dict:
         return tabs.frames_to_video(out), out, seed
 
     inputs = [prompt, radial, dense_steps, dense_layers, decay, block, frames, height, width, steps, seed, randomize]
-    event = button.click(friendly(run), inputs, [video, gallery, seed], api_name="video", concurrency_id="model")
+    event = button.click(model.exclusive(friendly(run)), inputs, [video, gallery, seed], api_name="video",
+                         concurrency_id="model", trigger_mode="always_last")
     stops(stop, event)
     fields = {"prompt": prompt, "seed": seed, "steps": steps, "frames": frames, "radial": radial}
     history.record_frames(event, "Video", gallery, fields, lambda: model.name if own_video() else "shapes-t2v")

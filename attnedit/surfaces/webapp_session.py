@@ -6,7 +6,9 @@ Plain functions and one small holder, tested without a browser; :mod:`attnedit.s
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,18 @@ class AppModel:
         self.pipe, self.name = pipe, name
         self.loader = loader or _default_loader
         self.loaded = [name]
+        self.lock = threading.Lock()
+
+    def exclusive(self, fn: Callable) -> Callable:
+        """``fn`` run while no other job uses the model. Why: Stop cancels a job's event, but its thread runs on
+        to the end of the sampling loop; the next job must wait for it (else two runs share hooks and weights)."""
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                return fn(*args, **kwargs)
+
+        return wrapper
 
     def choices(self) -> list[str]:
         """The built-ins, then the models loaded in this app (the current one included)."""
@@ -64,7 +78,8 @@ class AppModel:
         if name == self.name:
             return self.pipe
         try:
-            pipe = self.loader(name)
+            with self.lock:
+                pipe = self.loader(name)
         except ValueError:
             raise
         except Exception as error:  # noqa: BLE001  (OSError, hub errors, a folder that is no pipeline: input)
