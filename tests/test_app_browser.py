@@ -271,6 +271,28 @@ def test_video_tab_loads_the_builtin_video_model_and_shows_frames(page, tmp_path
     shoot(page, tmp_path, "video")
 
 
+def test_remove_from_video_takes_the_tracked_object_and_keeps_the_other(page, tmp_path):
+    from attnedit.pipelines.video_io import load_video, save_video
+    from attnedit.shapes import world
+
+    scenes = [world.Scene((world.Shape("circle", "red", "big", 0.3 + 0.04 * i, 0.5),
+                           world.Shape("square", "blue", "small", 0.8, 0.2))) for i in range(9)]
+    clip = save_video(world.render_video(scenes, 32), tmp_path / "clip.mp4", 8)
+    open_tab(page, "Remove from video")
+    page.locator("#vedit-source input[type=file]").set_input_files(str(clip))
+    page.locator("#vedit-source video").first.wait_for(state="attached", timeout=30_000)
+    page.locator("#vedit-first").get_by_role("textbox").fill("2,7,18,25")
+    page.locator("#vedit-last").get_by_role("textbox").fill("6,7,22,25")
+    close_toasts(page)
+    page.locator("#vedit-run").click()
+    result, error = page.locator("#vedit-out video").first, page.locator(".toast-body.error")
+    result.or_(error).first.wait_for(state="attached", timeout=120_000)
+    assert not error.count(), error.first.inner_text()
+    (tmp_path / "out.mp4").write_bytes(page.request.get(result.get_attribute("src")).body())
+    found = [world.detect(frame) for frame in load_video(tmp_path / "out.mp4")[0]]
+    assert len(found) == 9 and not any("red" in f for f in found) and all("blue" in f for f in found)
+
+
 def test_box_canvas_shows_the_typed_boxes_and_gives_them_back(page):
     open_tab(page, "Grounded generation")
     page.get_by_text("Draw boxes (label each with its phrase)").click()
