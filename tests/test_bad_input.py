@@ -241,8 +241,10 @@ def test_ctrl_c_during_batch_exits_130_without_trace_and_resumes(tmp_path):
     spec = tmp_path / "jobs.jsonl"
     spec.write_text("\n".join(json.dumps(j) for j in jobs) + "\n")
     out = tmp_path / "out"
+    # A runner that starts pytest in the background ignores SIGINT, and children inherit that: give Ctrl-C back.
     proc = subprocess.Popen([sys.executable, "-m", "attnedit", "batch", str(spec), "--out", str(out)], env=ENV,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     deadline = time.time() + 120
     while not list(out.glob("*.job.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -301,3 +303,25 @@ def test_the_check_runs_before_diffusers_internals_are_imported(monkeypatch):
         lines = (root / module).read_text().splitlines()
         first_diffusers = next(i for i, line in enumerate(lines) if line.startswith("from diffusers"))
         assert "import attnedit.core.versions" in "\n".join(lines[:first_diffusers]), module
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_batch(monkeypatch):
+    """Python ignores a KeyboardInterrupt raised inside ``__del__``; the batch must stop at its next job anyway."""
+    import os
+    import signal
+
+    from attnedit.surfaces.interrupts import catching_interrupts, stop_if_interrupted
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may start pytest with SIGINT ignored
+    try:
+        with catching_interrupts():
+            class Finalized:
+                def __del__(self):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+            Finalized()  # collected at once; the interrupt is raised inside __del__ and printed as "ignored"
+            with pytest.raises(KeyboardInterrupt):
+                stop_if_interrupted()
+        stop_if_interrupted()  # the request ends with the block
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnedit.surfaces.interrupts import stop_if_interrupted
 from attnedit.surfaces.outputs import atomic_write_json, save_mp4, save_png
 from attnedit.surfaces.quantize import LOAD_FIELDS, load_fields
 from attnedit.surfaces.jobfile_yaml import load_yaml
@@ -225,6 +226,8 @@ def run_batch(
             except Exception as error:
                 _fail(out_dir, job, summary, f"{type(error).__name__}: {error}", bar, traceback.format_exc())
                 continue
+            finally:
+                stop_if_interrupted()  # a Ctrl-C swallowed inside the job (e.g. by a finalizer) stops here
             bar.update(1)
     bar.close()
     return summary

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from attnedit.methods.refocusing_schedule import SCHEDULES
 from attnedit.surfaces import video_edit_cli
 from attnedit.surfaces.cli_base import Parser, flag, quiet_libraries, save_outputs
+from attnedit.surfaces.interrupts import catching_interrupts
 from attnedit.surfaces.params import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
 
 EXAMPLES = """examples:
@@ -376,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        return args.run(args)
+        with catching_interrupts():
+            return args.run(args)
     except (ValueError, OSError) as error:
         print(f"attnedit: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
