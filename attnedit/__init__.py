@@ -1,6 +1,6 @@
 """attnedit: edit what diffusion models attend to, with composable edits on diffusers' attention modules.
 
-Folders: ``core/`` (edits, attention, installation), ``processors/``, ``methods/`` (one per method),
+Folders: ``core/`` (edits, attention, installation), ``families/`` (one module per model family), ``processors/``, ``methods/`` (one per method),
 ``pipelines/`` (thin runners), ``models/`` (architectures, tiny zoo), ``shapes/`` (world, trained models),
 ``surfaces/`` (CLI, batch, app). Old flat paths (``attnedit.zoo``) still import: :mod:`attnedit.compat`.
 
@@ -19,7 +19,8 @@ from attnedit.compat import install_aliases
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load on first use (below)
     from attnedit.core.attention import BACKENDS, dense_attention
     from attnedit.core.edits import AttentionRecorder, BlockMask, Edit, HeadBlend, KeyMask, RecordedMap
-    from attnedit.core.families import FAMILIES, AttentionCall, Site, detect_family
+    from attnedit.core.families import AttentionCall, Site
+    from attnedit.families import FAMILIES, detect_family
     from attnedit.core.install import Installation, install
 
 __version__ = "0.1.0"
@@ -27,7 +28,8 @@ __version__ = "0.1.0"
 _HOMES = {
     "attnedit.core.attention": ("BACKENDS", "dense_attention"),
     "attnedit.core.edits": ("AttentionRecorder", "BlockMask", "Edit", "HeadBlend", "KeyMask", "RecordedMap"),
-    "attnedit.core.families": ("FAMILIES", "AttentionCall", "Site", "detect_family"),
+    "attnedit.core.families": ("AttentionCall", "Site"),
+    "attnedit.families": ("FAMILIES", "detect_family"),
     "attnedit.core.install": ("Installation", "install"),
 }
 _EXPORTS = {name: module for module, names in _HOMES.items() for name in names}

@@ -13,7 +13,7 @@ from types import CodeType, ModuleType
 MOVED = {
     f"attnedit.{name}": f"attnedit.{folder}.{name}"
     for folder, names in {
-        "core": ("attention", "block_sparse", "edits", "families", "install", "parallel"),
+        "core": ("attention", "block_sparse", "edits", "install", "parallel"),  # attnedit.families is now a package
         "methods": ("attention_maps", "head_guidance", "headhunter", "key_masking", "radial", "refocusing"),
         "models": ("architectures", "zoo", "zoo_text"),
         "shapes": ("builtin", "training", "world"),

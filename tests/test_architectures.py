@@ -13,8 +13,9 @@ import gc
 import pytest
 import torch
 
+from attnedit.processors import EditProcessor
 from attnedit import AttentionRecorder, HeadBlend, KeyMask, install
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 from attnedit.methods.head_guidance import PERTURBED_KIND, perturbed_guidance
 from attnedit.methods.radial import PRESETS, RadialAttention, radial_block_mask
 from attnedit.models.architectures import ARCHITECTURES, meta_denoiser
@@ -119,8 +120,8 @@ def test_wan22_pipeline_has_two_denoisers_and_both_are_edited():
     with install(pipe, KeyMask(mask=torch.ones(4, 4))) as handle:
         assert handle.models == [pipe.transformer, pipe.transformer_2]
         for model in handle.models:
-            assert sum(type(m.processor).__name__ == "EditProcessor" for m in model.modules() if hasattr(m, "processor")) == 80
-    assert not any(type(m.processor).__name__ == "EditProcessor" for m in pipe.transformer_2.modules() if hasattr(m, "processor"))
+            assert sum(isinstance(m.processor, EditProcessor) for m in model.modules() if hasattr(m, "processor")) == 80
+    assert not any(isinstance(m.processor, EditProcessor) for m in pipe.transformer_2.modules() if hasattr(m, "processor"))
 
 
 def test_unknown_architectures_get_one_clear_error():

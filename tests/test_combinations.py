@@ -21,7 +21,7 @@ import torch
 from attnedit import AttentionRecorder, HeadBlend, KeyMask, install
 from attnedit.core.attention import dense_attention
 from attnedit.core.edits import resize_mask
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 from attnedit.methods.head_guidance import perturbed_guidance, soft_pag
 from attnedit.methods.radial import RadialAttention
 from attnedit.models import zoo
@@ -472,7 +472,8 @@ def test_without_xformers(tiny_pipe, family, monkeypatch):
     with install(pipe, *edits, backend="auto"):
         for processor in zoo.denoiser(pipe).attn_processors.values():
             assert isinstance(processor, EditProcessor)
-            assert processor.native is not xformers_attention and processor.masked is not xformers_attention
+            kernels = (getattr(processor, "native", None), getattr(processor, "masked", None))  # projection halves
+            assert xformers_attention not in kernels
         out = latents(pipe, family)
     assert (out - stock).abs().max() > 1e-3
     assert finder.attempts == []  # nothing tried to import xformers

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnedit.processors import EditProcessor
 from attnedit import install
 from attnedit.core.attention import attend, dense_attention
 from attnedit.core.edits import HeadBlend
@@ -500,7 +501,7 @@ def test_perturbed_guidance_rejects(tiny_pipe, options, message):
     pipe = tiny_pipe("sd3")
     with pytest.raises(ValueError, match=message), perturbed_guidance(pipe, **{"heads": "L1", **options}):
         pass
-    assert not any(type(p).__name__ == "EditProcessor" for p in pipe.transformer.attn_processors.values())
+    assert not any(isinstance(p, EditProcessor) for p in pipe.transformer.attn_processors.values())
     with pytest.raises(ValueError, match=r"soft_pag got unknown option\(s\) \['bogus'\]"):
         soft_pag(pipe, "L1", bogus=1)
 

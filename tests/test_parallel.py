@@ -79,17 +79,20 @@ def test_global_call_scales_the_layout_and_offsets_the_heads():
 
 
 def test_which_calls_are_sharded_and_which_configs_edits_refuse():
-    processor = SimpleNamespace(_parallel_config=_config(2, 0), site=Site("a", "self", 0, 2), family="wan")
-    assert ulysses_config(processor) is processor._parallel_config
-    processor.site = Site("b", "cross", 0, 2)  # text keys stay whole on every rank: no all-to-all
-    assert ulysses_config(processor) is None
-    processor.family, processor.site = "flux", Site("c", "joint", 0, 2)
-    with pytest.raises(ValueError, match="supports .'wan', 'hunyuan_video'.; got flux"):
-        ulysses_config(processor)
+    from attnedit.families import FAMILIES
+
+    wan, flux = FAMILIES["wan"], FAMILIES["flux"]
+    config = _config(2, 0)
+    assert ulysses_config(config, Site("a", "self", 0, 2), wan) is config
+    assert ulysses_config(config, Site("b", "cross", 0, 2), wan) is None  # text keys stay whole on every rank
+    assert ulysses_config(None, Site("a", "self", 0, 2), wan) is None
+    with pytest.raises(ValueError, match="families that declare their sharded layout .*; got flux"):
+        ulysses_config(config, Site("c", "joint", 0, 2), flux)
+    q = torch.zeros(1, 2, 4, 8)
+    call = _joint_call(4, 0, 2, (1, 2, 2))
     for config in (_config(1, 0, ring=2), _config(2, 0, anything=True)):  # edits need H/N heads, all tokens
-        ring = SimpleNamespace(_parallel_config=config, site=Site("a", "self", 0, 2), family="wan")
         with pytest.raises(ValueError, match="Ulysses context parallelism with equal splits only"):
-            ulysses_attention(ring, None, None, [])
+            ulysses_attention(config, q, q, q, None, call, call, [], (_sdpa, _sdpa), "sdpa")
 
 
 # ---------------------------------------------------------------- the ranks of one attention call, simulated
@@ -169,7 +172,7 @@ def test_head_and_token_counts_the_degree_cannot_split(tiny_pipe):
     hunyuan = tiny_pipe("hunyuan_video").transformer
     with pytest.raises(ValueError, match="17 text tokens cannot be split"):
         check_tokens(hunyuan, 2, (), {"hidden_states": torch.zeros(1, 4, 2, 4, 4), "encoder_hidden_states": torch.zeros(1, 17, 16)})
-    with pytest.raises(ValueError, match="supports .'wan', 'hunyuan_video'.; got sd3"):
+    with pytest.raises(ValueError, match="supports wan, hunyuan_video; got sd3"):
         check_heads(tiny_pipe("sd3").transformer, 2)
     with pytest.raises(ValueError, match="launch with torchrun"):
         enable_ulysses(tiny_pipe("wan"), 2)  # no process group in this process

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnedit import AttentionRecorder, KeyMask, install
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 from attnedit.methods.refocusing import (
     MAX_BOXES,
     SCHEDULES,

@@ -1,27 +1,26 @@
-"""Model-family adapters: what the edit core must know about each diffusers architecture.
+"""What the edit core must know about a diffusers architecture: the :class:`Family` declaration.
 
-For every family an adapter says which attention modules exist (self / cross / joint), numbers them stably
-(a *layer* is an index among modules of one kind, in forward order; FLUX and HunyuanVideo number double-stream
-then single-stream blocks in one flat index), reads the latent token grid and the timestep from the
-denoiser's inputs, and says how the pipeline lays out classifier-free-guidance branches:
+Each model family is one module in :mod:`attnedit.families` that declares a :class:`Family`: which attention
+modules are sites and of what kind (numbered per kind in forward order), how to read the token grid and the
+timestep from the denoiser's inputs, how the pipeline lays out classifier-free-guidance branches, and where the
+image/video and text tokens sit in each attention call. Nothing outside the family modules compares a family's
+name; code asks the declaration (``family.video``, ``family.perturbed_kind``, ...).
 
-=============  ==================  ===========================  =============================
-family         denoiser            joint token order            CFG branches
-=============  ==================  ===========================  =============================
-unet           UNet2DCondition     (self and cross separate)    one batch [uncond, cond]
-sd3            SD3Transformer2D    [image, text]                one batch [uncond, cond]
-flux           FluxTransformer2D   [text, image]                passes: cond, then uncond
-wan            WanTransformer3D    (self and cross separate)    passes: cond, then uncond
-hunyuan_video  HunyuanVideo...3D   [video, text] + key padding  passes: cond, then uncond
-=============  ==================  ===========================  =============================
+Two ways a family's attention reaches the edits:
+
+* ``layout`` (most families): the stock diffusers processor stays and runs unchanged; its call to diffusers'
+  ``dispatch_attention_fn`` goes through attnedit (:mod:`attnedit.processors.stock`), and ``layout`` says which
+  tokens of that call are image and text. Bit-exact with stock by construction.
+* ``io``: projection halves (``project`` / ``finish``) for stock processors that call SDPA or xFormers themselves
+  instead of the dispatcher (UNet's ``AttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ class ForwardInfo:
     grid: tuple[int, ...]  # token grid of the image/video tokens at the model's full token resolution
     batch: int
     text_tokens: int = 0  # length of the text sequence (needed by single-stream blocks)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # what a family's layout needs (e.g. reference tokens)
 
 
 @dataclass
@@ -71,11 +71,71 @@ class AttentionCall:
 
 
 @dataclass(frozen=True)
+class TokenLayout:
+    """Where the edited image/video tokens and the text tokens sit in one attention call's queries and keys.
+
+    Tokens in neither (e.g. FLUX.1 Kontext's reference-image tokens, Wan VACE's context) are left alone by
+    token-level edits: key masks keep them, maps do not read them.
+    """
+
+    image_q: slice
+    image_k: slice
+    text_q: slice | None = None
+    text_k: slice | None = None
+    grid: tuple[int, ...] | None = None  # the call's grid when it differs from the forward's (UNet levels)
+
+
+@dataclass
+class ProcessorCall:
+    """One invocation of a stock processor: its arguments by name, and how many attention calls it has made."""
+
+    site: Site
+    arguments: dict[str, Any]  # the stock processor's __call__ arguments (attn, hidden_states, ...)
+    index: int = 0  # the dispatch call being made (0 for the first); processors like Wan I2V's make two
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.arguments.get(name, default)
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """How a family's sequence is split under diffusers' Ulysses context parallelism (:mod:`attnedit.core.parallel`)."""
+
+    plan: Mapping[str, Any] | None = None  # a split plan where diffusers ships none for the model (else its _cp_plan)
+    # joint [video; text] calls with both parts split per rank: the text count must split too, and the key padding
+    # mask is cut per block (attnedit.core.parallel.TextMaskShardHook)
+    split_text: bool = False
+    refuse: Callable[[torch.nn.Module], str | None] | None = None  # why this model's config cannot be split, if so
+
+
+# forward order of the module-path parts families use: down < mid < up, double stream < single stream
+FORWARD_RANK: Mapping[str, int] = {
+    "down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1,
+}
+
+LayoutFn = Callable[[ProcessorCall, "ForwardInfo | None", int, int], "TokenLayout | None"]
+GridFn = Callable[[torch.nn.Module, torch.Tensor, dict], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
 class Family:
+    """A model family's declaration (one per module in :mod:`attnedit.families`)."""
+
     name: str
-    model_class: str
+    model_class: str  # the diffusers denoiser class (subclasses count)
     batched_cfg: bool  # True: [uncond, cond] rows in one batch; False: separate passes, cond first
     site_rules: tuple[tuple[str, str, str], ...]  # (regex on module path, kind, stream)
+    read_grid: GridFn | None = None  # (model, latent, bound forward args) -> token grid
+    # (processor call, forward info, S_q, S_k) -> token layout of a dispatch call, or None to leave it unedited
+    layout: LayoutFn | None = None
+    io: Any = None  # projection halves, for stock processors that do not call the dispatcher
+    perturbed_kind: str = "self"  # the attention kind PAG / SoftPAG perturb by default
+    video: bool = False  # video tokens (f, h, w): radial attention and video editing apply
+    text_kind: str = ""  # the kind whose calls hold text-image attention ("cross" / "joint"), "" for none
+    context_parallel: ContextParallel | None = None  # its split under Ulysses, where attnedit knows it
+    latent_key: str = "hidden_states"  # the forward argument holding the latents
+    extra_info: Callable[[torch.nn.Module, dict], Mapping[str, Any]] | None = None  # more ForwardInfo for layout
+    aliases: tuple[str, ...] = ()  # other names users may give (CLI, presets)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         """Editable attention modules in forward order, numbered per kind."""
@@ -85,7 +145,7 @@ class Family:
                 continue
             for pattern, kind, stream in self.site_rules:
                 if re.fullmatch(pattern, name):
-                    found.append((_forward_order(name, self.site_rules), name, kind, stream, module.heads))
+                    found.append((forward_order(name), name, kind, stream, module.heads))
                     break
         found.sort()
         counts: dict[str, int] = {}
@@ -105,42 +165,23 @@ class Family:
 
     def forward_info(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> ForwardInfo:
         bound = _signature(model).bind_partial(*args, **kwargs).arguments
-        latent = bound.get("sample", bound.get("hidden_states"))
+        latent = bound.get(self.latent_key, bound.get("sample", bound.get("hidden_states")))
         t = self.timestep(model, args, kwargs)
         text = bound.get("encoder_hidden_states")
         text_tokens = text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else 0
-        return ForwardInfo(t, self.token_grid(model, latent, bound), latent.shape[0], text_tokens)
+        extra = self.extra_info(model, bound) if self.extra_info is not None else {}
+        return ForwardInfo(t, self.token_grid(model, latent, bound), latent.shape[0], text_tokens, extra)
 
     def token_grid(self, model: torch.nn.Module, latent: torch.Tensor, bound: dict) -> tuple[int, ...]:
-        config = model.config
-        if self.name == "unet":
-            return tuple(latent.shape[-2:])
-        if self.name == "sd3":
-            p = config.patch_size
-            return (latent.shape[-2] // p, latent.shape[-1] // p)
-        if self.name == "flux":
-            ids = bound.get("img_ids")
-            if ids is None:
-                side = math.isqrt(latent.shape[1])
-                return (side, latent.shape[1] // side)
-            ids = ids if ids.ndim == 2 else ids[0]
-            return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
-        if self.name == "wan":
-            pt, ph, pw = config.patch_size
-            f, h, w = latent.shape[-3:]
-            return (f // pt, h // ph, w // pw)
-        if self.name == "hunyuan_video":
-            p, pt = config.patch_size, config.patch_size_t
-            f, h, w = latent.shape[-3:]
-            return (f // pt, h // p, w // p)
-        raise AssertionError(self.name)
+        if self.read_grid is None:
+            raise NotImplementedError(f"the {self.name} family declares no read_grid")
+        return self.read_grid(model, latent, bound)
 
 
-def _forward_order(name: str, rules: tuple[tuple[str, str, str], ...]) -> tuple:
+def forward_order(name: str) -> tuple:
     """Sort key that puts modules in forward order: down < mid < up, double < single, then by index."""
-    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1}
     parts = name.split(".")
-    return tuple((rank.get(p, 0), int(p)) if p.isdigit() else (rank.get(p, 0), 0) for p in parts)
+    return tuple((FORWARD_RANK.get(p, 0), int(p)) if p.isdigit() else (FORWARD_RANK.get(p, 0), 0) for p in parts)
 
 
 _SIGNATURES: dict[type, inspect.Signature] = {}
@@ -159,43 +200,13 @@ def _timestep_position(model: torch.nn.Module) -> int | None:
     return names.index("timestep") if "timestep" in names else None
 
 
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("unet", "UNet2DConditionModel", True, ((r".*\.attn1", "self", ""), (r".*\.attn2", "cross", ""))),
-        Family(
-            "sd3", "SD3Transformer2DModel", True,
-            ((r"transformer_blocks\.\d+\.attn", "joint", ""), (r"transformer_blocks\.\d+\.attn2", "self", "")),
-        ),
-        Family(
-            "flux", "FluxTransformer2DModel", False,
-            ((r"transformer_blocks\.\d+\.attn", "joint", "double"), (r"single_transformer_blocks\.\d+\.attn", "joint", "single")),
-        ),
-        Family("wan", "WanTransformer3DModel", False, ((r"blocks\.\d+\.attn1", "self", ""), (r"blocks\.\d+\.attn2", "cross", ""))),
-        Family(
-            "hunyuan_video", "HunyuanVideoTransformer3DModel", False,
-            ((r"transformer_blocks\.\d+\.attn", "joint", "double"), (r"single_transformer_blocks\.\d+\.attn", "joint", "single")),
-        ),
-    )
-}
-
-
-def detect_family(model: torch.nn.Module) -> Family:
-    """The adapter for a denoiser, by its diffusers class (subclasses count; ``torch.compile(model)`` too)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the model
-    for cls in type(model).__mro__:
-        for family in FAMILIES.values():
-            if cls.__name__ == family.model_class:
-                return family
-    names = ", ".join(f"{f.name} ({f.model_class})" for f in FAMILIES.values())
-    raise ValueError(f"{type(model).__name__} is not a denoiser attnedit supports; supported families: {names}")
-
-
-def unet_grid(grid: tuple[int, int], num_tokens: int) -> tuple[int, int]:
-    """Grid of a UNet level with ``num_tokens`` tokens, given the latent grid (each level halves, rounding up)."""
-    h, w = grid
-    while h * w > num_tokens and h > 1:
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != num_tokens:
-        raise ValueError(f"{num_tokens} tokens do not form a downsampled grid of the {grid} latent")
-    return (h, w)
+def patch_grid(model: torch.nn.Module, latent: torch.Tensor, bound: dict) -> tuple[int, ...]:
+    """Token grid of a patchified latent: ``(h, w) // patch`` for images, ``(f, h, w) // patch`` for video."""
+    p = model.config.patch_size
+    if latent.ndim == 5:
+        pt = getattr(model.config, "patch_size_t", None)
+        pt, ph, pw = (p if isinstance(p, (list, tuple)) else (pt or 1, p, p))
+        f, h, w = latent.shape[-3:]
+        return (f // pt, h // ph, w // pw)
+    p = p if isinstance(p, (list, tuple)) else (p, p)
+    return (latent.shape[-2] // p[-2], latent.shape[-1] // p[-1])

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from attnedit.core.edits import BRANCHES, Edit
-from attnedit.core.families import Family, ForwardInfo, Site, detect_family
-from attnedit.processors.edit_processor import EditProcessor
+from attnedit.core.families import Family, ForwardInfo, Site
+from attnedit.families import detect_family
+from attnedit.processors.edit_processor import EditProcessor, make_edit_processor
 
 
 class RunState:
@@ -182,7 +183,7 @@ class Installation:
                     module = modules[site.name]
                     original = module.processor
                     self._originals.append((module, original))
-                    module.set_processor(EditProcessor(site, self.family.name, self, original))
+                    module.set_processor(make_edit_processor(site, self.family, self, original))
                 self._hooks.append(model.register_forward_pre_hook(self._pre_forward(model), with_kwargs=True))
         except BaseException:
             self.remove()

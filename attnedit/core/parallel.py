@@ -1,8 +1,8 @@
 """One video on several GPUs: diffusers' Ulysses context parallelism for Wan and HunyuanVideo, with attnedit's edits.
 
 ``enable_ulysses(pipe, N)`` calls diffusers' ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``
-on the pipeline's denoiser(s) with the model's split plan: Wan's own ``_cp_plan``, or for HunyuanVideo (diffusers
-0.42 has none) :data:`HUNYUAN_VIDEO_CP_PLAN` plus :class:`TextMaskShardHook`. The edit processors then run their
+on the pipeline's denoiser(s) with the split plan its family declares (``Family.context_parallel``: the model's own
+``_cp_plan``, or the family's plan plus :class:`TextMaskShardHook` where text is split too, as in HunyuanVideo). The edit processors then run their
 edits inside diffusers' all-to-all (:mod:`attnedit.processors.ulysses`). Launch one process per GPU::
 
     torchrun --nproc_per_node 4 -m attnedit video "a fox in snow" --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --ulysses 4
@@ -25,26 +25,10 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.context_parallel import ModuleForwardMetadata
 from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ContextParallelOutput
 
-from attnedit.core.families import detect_family
+from attnedit.core.families import patch_grid
+from attnedit.families import detect_family
 from attnedit.core.install import _denoisers
-from attnedit.processors.ulysses import FAMILIES
 
-# HunyuanVideo in the style of WanTransformer3DModel._cp_plan: split the video and the (already refined) text tokens
-# where they enter the first block, the RoPE tables (S, D/2) with them, and gather the video before the unpatchify.
-# The text leaves the model after the last block, so it is never gathered. Each rank's joint sequence is then
-# [video_r; text_r]; the key padding mask, built inside forward() over [video; text], is cut to match per block by
-# TextMaskShardHook (a plan can only split tensors along one axis, and this cut takes two pieces).
-HUNYUAN_VIDEO_CP_PLAN = {
-    "rope": {
-        0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
-        1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
-    },
-    "transformer_blocks.0": {
-        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-        "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-    },
-    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-}
 _MASK_HOOK = "attnedit_cp_text_mask"
 
 
@@ -112,30 +96,30 @@ def init_distributed(device: str | None = None) -> str:
 
 def check_heads(model: torch.nn.Module, degree: int) -> None:
     """ValueError unless Ulysses degree ``degree`` divides the model's attention heads (each rank computes H/N)."""
-    family = detect_family(model).name
-    if family not in FAMILIES:
-        raise ValueError(f"context parallelism with attnedit supports {FAMILIES}; got {family}")
+    declared = detect_family(model)
+    family, split = declared.name, declared.context_parallel
+    if split is None:
+        from attnedit.families import FAMILIES
+
+        known = [f.name for f in FAMILIES.values() if f.context_parallel is not None]
+        raise ValueError(f"context parallelism with attnedit supports {', '.join(known)}; got {family}")
     if not isinstance(degree, int) or degree < 2:
         raise ValueError(f"ulysses degree={degree!r} must be an integer >= 2")
     heads = model.config.num_attention_heads
     if heads % degree:
         raise ValueError(f"{family} has {heads} attention heads, which Ulysses degree {degree} cannot split evenly; "
                          f"use a degree that divides {heads}")
-    if family == "hunyuan_video" and getattr(model.config, "image_condition_type", None) == "token_replace":
-        raise ValueError("HunyuanVideo token_replace image conditioning treats the first frame's tokens apart, which a "
-                         "sequence split across ranks does not keep; context parallelism supports text-to-video")
+    reason = split.refuse(model) if split.refuse is not None else None
+    if reason:
+        raise ValueError(reason)
 
 
 def check_tokens(model: torch.nn.Module, degree: int, args: tuple, kwargs: dict) -> None:
     """ValueError when one forward's video (or HunyuanVideo text) tokens do not split evenly over ``degree`` ranks."""
-    family = detect_family(model).name
+    declared = detect_family(model)
+    family = declared.name
     latent = kwargs.get("hidden_states", args[0] if args else None)
-    config = model.config
-    if family == "wan":
-        patch = tuple(config.patch_size)
-    else:
-        patch = (config.patch_size_t, config.patch_size, config.patch_size)
-    grid = tuple(n // p for n, p in zip(latent.shape[-3:], patch))
+    grid = patch_grid(model, latent, {})
     if math.prod(grid) % degree:
         raise ValueError(
             f"{family}: {math.prod(grid)} video tokens ({grid[0]} latent frames x {grid[1]} x {grid[2]}) cannot be "
@@ -143,8 +127,8 @@ def check_tokens(model: torch.nn.Module, degree: int, args: tuple, kwargs: dict)
             f"is a multiple of {degree}"
         )
     text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-    if family == "hunyuan_video" and text is not None and text.shape[1] % degree:
-        raise ValueError(f"hunyuan_video: {text.shape[1]} text tokens cannot be split evenly over Ulysses degree "
+    if declared.context_parallel.split_text and text is not None and text.shape[1] % degree:
+        raise ValueError(f"{family}: {text.shape[1]} text tokens cannot be split evenly over Ulysses degree "
                          f"{degree}; set max_sequence_length to a multiple of {degree}")
 
 
@@ -201,14 +185,15 @@ def enable_ulysses(target: Any, degree: int | ContextParallelConfig) -> int:
                 raise ValueError(f"{type(model).__name__} already runs another parallelism ({present}); "
                                  "diffusers cannot change it: load the model again")
             continue
-        plan = HUNYUAN_VIDEO_CP_PLAN if detect_family(model).name == "hunyuan_video" else None
+        split = detect_family(model).context_parallel
+        plan = split.plan
         if torch.accelerator.device_count() == 0:
             model._resolve_parallel_config = functools.partial(_resolve_on_cpu, model)
         try:
             model.enable_parallelism(config=config or ContextParallelConfig(ulysses_degree=degree), cp_plan=plan)
         finally:
             model.__dict__.pop("_resolve_parallel_config", None)
-        if plan is not None:
+        if split.split_text:
             cp = model._parallel_config.context_parallel_config
             for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
                 HookRegistry.check_if_exists_or_initialize(block).register_hook(TextMaskShardHook(cp), _MASK_HOOK)

@@ -199,7 +199,7 @@ def token_layout(pipe: Any, layout: Layout, max_sequence_length: int = 256) -> T
 
 
 def _is_flux(model: Any) -> bool:
-    from attnedit.core.families import FAMILIES
+    from attnedit.families import FAMILIES
 
     model = getattr(model, "_orig_mod", model)
     return any(cls.__name__ == FAMILIES["flux"].model_class for cls in type(model).__mro__)

@@ -52,6 +52,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from attnedit.families import MODULES
 from attnedit.models.zoo_text import (
     HUNYUAN_PROMPT_TEMPLATE,
     _clip_encoder,
@@ -62,14 +63,18 @@ from attnedit.models.zoo_text import (
 )
 
 __all__ = [
-    "EXTRA_PIPELINES", "FAMILIES", "HUNYUAN_PROMPT_TEMPLATE", "build_pipeline", "call_kwargs", "clip_tokenizer",
+    "EXTRA_PIPELINES", "FAMILIES", "VIDEO_PIPELINES", "HUNYUAN_PROMPT_TEMPLATE", "build_pipeline", "call_kwargs", "clip_tokenizer",
     "denoiser", "load_tiny_pipeline", "save_tiny_pipeline", "word_tokenizer",
 ]
 
 FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "wan", "hunyuan_video")
 # Further tiny pipelines of a family above, built and loaded like them but not iterated over by FAMILIES' users:
 # "wan22" is a Wan 2.2 A14B-style WanPipeline with two denoisers (transformer, transformer_2) and boundary_ratio.
-EXTRA_PIPELINES: tuple[str, ...] = ("wan22",)
+# The family modules' own tiny pipelines (attnedit.families.<name>.TINY: {name: {"build", "call", "video"}}) join
+# them here: loaded and cached like the rest, by name.
+_FAMILY_TINY: dict[str, dict] = {name: spec for module in MODULES for name, spec in getattr(module, "TINY", {}).items()}
+EXTRA_PIPELINES: tuple[str, ...] = ("wan22", *_FAMILY_TINY)
+VIDEO_PIPELINES: tuple[str, ...] = ("wan", "wan22", "hunyuan_video", *(n for n, s in _FAMILY_TINY.items() if s.get("video")))
 
 
 
@@ -234,6 +239,8 @@ _CALL_KWARGS: dict[str, dict] = {
     "wan22": {"height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0, "guidance_scale_2": 3.0,
               "max_sequence_length": 32},
 }
+_BUILDERS.update({name: spec["build"] for name, spec in _FAMILY_TINY.items()})
+_CALL_KWARGS.update({name: spec.get("call", {}) for name, spec in _FAMILY_TINY.items()})
 
 
 # ------------------------------------------------------------------------------------------ public API

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from attnedit.core.checks import check_int
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 
 FAMILIES = ("unet", "sd3", "flux")
 

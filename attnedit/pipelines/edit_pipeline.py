@@ -41,7 +41,7 @@ from diffusers import DiffusionPipeline
 from attnedit.core.attention import BACKENDS
 from attnedit.core.checks import as_mask, is_int
 from attnedit.core.edits import Edit, KeyMask, mask_coverage
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 from attnedit.core.install import install
 from attnedit.methods.head_guidance import perturbed_guidance
 from attnedit.methods.radial import FAMILIES as RADIAL_FAMILIES

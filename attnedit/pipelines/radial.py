@@ -18,7 +18,7 @@ import inspect
 from typing import Any
 
 from attnedit.core.attention import BACKENDS
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 from attnedit.core.install import install
 from attnedit.methods.radial import FAMILIES, RadialAttention
 

@@ -291,7 +291,7 @@ def _step_callback(refocuser: _Refocuser, user: Any) -> Any:
 
 
 def _check_call(pipe: Any, layout: Any, handle: Installation | None, kwargs: dict) -> str:
-    from attnedit.core.families import detect_family
+    from attnedit.families import detect_family
     from attnedit.models.zoo import denoiser
 
     if not isinstance(layout, Layout):

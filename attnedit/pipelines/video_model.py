@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 from attnedit.pipelines.design_inversion import EditModel, Run
 
 FAMILIES = ("wan", "hunyuan_video")

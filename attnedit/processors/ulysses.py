@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,45 +28,21 @@ from attnedit.core.attention import attend
 if TYPE_CHECKING:
     from attnedit.core.edits import Edit
     from attnedit.core.families import AttentionCall
-    from attnedit.processors.projections import Projected
 
 
-class ShardedProcessor(Protocol):
-    """What the Ulysses path reads from an ``EditProcessor`` (a protocol: the processor imports this module)."""
-
-    site: Any
-    family: str
-    installation: Any
-    _parallel_config: Any
-    native: Callable[..., torch.Tensor]  # (q, k, v, mask, kernel owner): the family's own kernel
-    masked: Callable[..., torch.Tensor]  # the same kernel with an additive/boolean mask
-
-
-FAMILIES = ("wan", "hunyuan_video")  # families whose token layout under context parallelism attnedit knows
-
-
-class Unsharded:
-    """A processor as seen by a kernel that runs on tokens already in one place (no context parallelism)."""
-
-    _parallel_config = None
-
-    def __init__(self, processor: Any) -> None:
-        self._attention_backend = getattr(processor, "_attention_backend", None)
-        self.attention_op = getattr(processor, "attention_op", None)
-
-
-def ulysses_config(processor: ShardedProcessor) -> Any:
+def ulysses_config(config: Any, site: Any, family: Any) -> Any:
     """The ``ParallelConfig`` when this site's tokens are split across ranks, else None.
 
-    Cross-attention keeps its text keys whole on every rank (diffusers' Wan processor passes no parallel config
-    there), so only self and joint attention are sharded.
+    ``config`` is what the stock processor passes the dispatcher (or its ``_parallel_config``). Cross-attention keeps
+    its text keys whole on every rank (diffusers' Wan processor passes no parallel config there), so only self and
+    joint attention are sharded; a family must declare that attnedit knows its layout (``context_parallel``).
     """
-    config = processor._parallel_config
     cp = getattr(config, "context_parallel_config", None)
-    if cp is None or processor.site.kind == "cross":
+    if cp is None or site.kind == "cross":
         return None
-    if processor.family not in FAMILIES:
-        raise ValueError(f"attnedit under context parallelism supports {FAMILIES}; got {processor.family}")
+    if family.context_parallel is None:
+        raise ValueError(f"attnedit's edits under context parallelism support families that declare their sharded "
+                         f"layout (Wan, HunyuanVideo); got {family.name}")
     return config
 
 
@@ -97,9 +72,9 @@ def global_call(call: AttentionCall, config: Any) -> AttentionCall:
     )
 
 
-def local_segments(p: Projected) -> tuple[int, ...]:
+def local_segments(num_keys: int, image_keys: slice, text_keys: slice | None) -> tuple[int, ...]:
     """Lengths of the contiguous, separately split segments of a rank's sequence (video, then text if joint)."""
-    ends = sorted({0, p.k.shape[2], *(x for s in (p.image_k, p.text_k) if s is not None for x in (s.start, s.stop))})
+    ends = sorted({0, num_keys, *(x for s in (image_keys, text_keys) if s is not None for x in (s.start, s.stop))})
     return tuple(b - a for a, b in itertools.pairwise(ends) if b > a)
 
 
@@ -153,34 +128,36 @@ def _no_backward(ctx: Any, grad_out: torch.Tensor, *args: Any, **kwargs: Any):
     raise NotImplementedError("attnedit's edited attention under context parallelism has no backward pass (inference only)")
 
 
-def ulysses_attention(processor: ShardedProcessor, p: Projected, call: AttentionCall, edits: list[Edit]) -> torch.Tensor:
+def ulysses_attention(
+    config: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, local: AttentionCall,
+    call: AttentionCall, edits: list[Edit], kernels: tuple[Any, Any], backend: str,
+) -> torch.Tensor:
     """``(B, H, S_local, D)``: the edited attention of this rank's queries, through diffusers' Ulysses all-to-all.
 
-    diffusers moves q, k, v (and all-gathers a key mask that covers this rank's keys); attnedit only supplies the op
-    that runs in between (:func:`shard_attention`).
+    q, k, v: this rank's ``(B, H, S_local, D)``; ``local``: the call as this rank sees it (its token layout),
+    ``call``: the global call (:func:`global_call`); ``kernels``: ``(native, masked)`` on ``(B, H, S, D)`` without
+    parallelism. diffusers moves q, k, v (and all-gathers a key mask that covers this rank's keys); attnedit only
+    supplies the op that runs in between (:func:`shard_attention`).
     """
     from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
-    config = processor._parallel_config
     _check_equal_ulysses(config)
     world = config.context_parallel_config.ulysses_degree
-    if p.mask is not None and p.mask.shape[-1] != p.k.shape[2]:
+    if mask is not None and mask.shape[-1] != k.shape[2]:
         raise ValueError(
-            f"{processor.site.name}: under context parallelism the key mask must cover this rank's {p.k.shape[2]} "
-            f"keys, not {p.mask.shape[-1]}; enable parallelism with attnedit.core.parallel.enable_ulysses"
+            f"{call.site.name}: under context parallelism the key mask must cover this rank's {k.shape[2]} "
+            f"keys, not {mask.shape[-1]}; enable parallelism with attnedit.core.parallel.enable_ulysses"
         )
-    segments, local = local_segments(p), Unsharded(processor)
-    kernels = (lambda q, k, v, m: processor.native(q, k, v, m, local), lambda q, k, v, m: processor.masked(q, k, v, m, local))
+    segments = local_segments(k.shape[2], local.image_keys, local.text_keys)
 
     def forward_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                    _save_ctx=True, _parallel_config=None):
         if return_lse:
             raise ValueError("attnedit's edited attention returns no log-sum-exp: ring attention is not supported")
-        return shard_attention(query, key, value, attn_mask, call, edits, kernels, processor.installation.backend,
-                               segments, world)
+        return shard_attention(query, key, value, attn_mask, call, edits, kernels, backend, segments, world)
 
     out = _templated_context_parallel_attention(
-        p.q.transpose(1, 2), p.k.transpose(1, 2), p.v.transpose(1, 2), p.mask,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
         forward_op=forward_op, backward_op=_no_backward, _parallel_config=config,
     )
     return out.transpose(1, 2)

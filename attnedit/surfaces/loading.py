@@ -69,8 +69,9 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
         from attnedit.models import zoo
 
         family = model[len(TINY_PREFIX):]
-        if family not in zoo.FAMILIES:
-            raise ValueError(f"unknown tiny model {model!r}; valid: {[TINY_PREFIX + f for f in zoo.FAMILIES]}")
+        if family not in zoo.FAMILIES + zoo.EXTRA_PIPELINES:
+            valid = [TINY_PREFIX + f for f in zoo.FAMILIES + zoo.EXTRA_PIPELINES]
+            raise ValueError(f"unknown tiny model {model!r}; valid: {valid}")
         if quantize:
             raise ValueError(f"quantize={quantize!r} needs a hub id or a diffusers folder, not {model!r}")
         pipe = zoo.load_tiny_pipeline(family)
@@ -113,7 +114,7 @@ def tiny_defaults(model: str | None, task_name: str) -> dict:
             out.update(frames=defaults.get("num_frames"), max_sequence_length=defaults.get("max_sequence_length"))
         return {k: v for k, v in out.items() if v is not None}
     family = model[len(TINY_PREFIX):] if model.startswith(TINY_PREFIX) else None
-    if family not in zoo.FAMILIES or task_name == "edit":
+    if family not in zoo.FAMILIES + zoo.EXTRA_PIPELINES or task_name == "edit":
         return {}
     defaults = zoo.call_kwargs(family)
     out = {k: defaults[k] for k in ("width", "height") if k in defaults}

@@ -26,7 +26,9 @@ MAX_FRAMES = 1024
 MAX_STEPS = 1000
 MAX_IMAGES = 64
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")  # no '.': '<id>.<what>' names can then never collide
-VIDEO_FAMILIES = ("wan", "wan22", "hunyuan_video")  # tiny:<family> models that make videos
+# tiny:<name> models known by kind before loading (the rest are told by their pipeline once loaded)
+TINY_KINDS = {"sd15": "image", "sdxl": "image", "sd3": "image", "flux": "image", "wan": "video", "wan22": "video",
+              "hunyuan_video": "video"}
 
 Rule = Callable[[str, Any], Any]  # (name as the user spells it, value) -> the value to use; raises ValueError
 
@@ -208,7 +210,7 @@ def model_kind(model: str) -> str | None:
     if model == "shapes-t2v":
         return "video"
     if model.startswith("tiny:"):
-        return "video" if model[5:] in VIDEO_FAMILIES else "image"
+        return TINY_KINDS.get(model[5:])
     return None
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageColor, ImageDraw
 
 from attnedit.core.edits import AttentionRecorder
-from attnedit.core.families import detect_family
+from attnedit.families import detect_family
 from attnedit.methods.attention_maps import token_heatmaps
 from attnedit.methods.head_guidance import load_heads, perturbed_guidance
 from attnedit.methods.radial import RadialAttention
@@ -36,7 +36,6 @@ from attnedit.surfaces.webapp_defaults import (  # noqa: F401  (the app reads th
 MAX_STEPS = 100
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 OPERATIONS = ("remove", "move", "resize", "flip", "zoom out", "pan")
-VIDEO_FAMILIES = ("wan", "hunyuan_video")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -336,7 +335,7 @@ def run_head_guidance(pipe: Any, prompt: str, heads: str, ranking: str | None, s
 
 # -------------------------------------------------------------------------------------------------- video
 def is_video(pipe: Any) -> bool:
-    return detect_family(denoiser(pipe)).name in VIDEO_FAMILIES
+    return detect_family(denoiser(pipe)).video
 
 
 def run_video(pipe: Any, prompt: str, *, radial: bool, dense_steps: int, dense_layers: int, decay: float,

@@ -1,0 +1,88 @@
+"""FLUX.1 [dev]/[schnell] and FLUX.1 Kontext (``FluxTransformer2DModel``): joint attention over ``[text, image]``.
+
+19 double-stream blocks (text and image projected separately, then joined) and 38 single-stream blocks (one
+joined sequence), numbered in one flat joint index. The stock ``FluxAttnProcessor`` sends attention through
+diffusers' dispatcher, so attnedit keeps it and only says where the tokens are. Kontext appends the reference
+image's tokens after the target's (``img_ids[:, 0] == 1``): edits act on the target image; reference tokens are
+neither image nor text to them (key masks keep them visible). CFG: separate passes (guidance-distilled: usually one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnedit.core.families import Family, ForwardInfo, ProcessorCall, TokenLayout
+
+
+def _ids(bound: dict) -> torch.Tensor | None:
+    ids = bound.get("img_ids")
+    return None if ids is None else (ids if ids.ndim == 2 else ids[0])
+
+
+def read_grid(model: torch.nn.Module, latent: torch.Tensor, bound: dict) -> tuple[int, int]:
+    """The target image's grid of packed tokens, from ``img_ids`` (row, column); reference tokens excluded."""
+    ids = _ids(bound)
+    if ids is None:
+        side = math.isqrt(latent.shape[1])
+        return (side, latent.shape[1] // side)
+    target = ids[ids[:, 0] == 0] if bool((ids[:, 0] != 0).any()) else ids
+    return (int(target[:, 1].max()) + 1, int(target[:, 2].max()) + 1)
+
+
+def layout(call: ProcessorCall, info: ForwardInfo | None, num_queries: int, num_keys: int) -> TokenLayout | None:
+    if call.index:  # IP-adapter processors attend to the adapter's tokens after the main call
+        return None
+    text_states = call.get("encoder_hidden_states")
+    text = text_states.shape[1] if text_states is not None else (info.text_tokens if info is not None else 0)
+    image_tokens = math.prod(info.grid) if info is not None else num_queries - text
+    image = slice(text, text + image_tokens)
+    words = slice(0, text) if text else None
+    return TokenLayout(image, image, words, words)
+
+
+FAMILY = Family(
+    name="flux",
+    model_class="FluxTransformer2DModel",
+    batched_cfg=False,
+    site_rules=(
+        (r"transformer_blocks\.\d+\.attn", "joint", "double"),
+        (r"single_transformer_blocks\.\d+\.attn", "joint", "single"),
+    ),
+    read_grid=read_grid,
+    layout=layout,
+    perturbed_kind="joint",
+    text_kind="joint",
+    aliases=("flux1", "flux-kontext"),
+)
+
+
+# -- published checkpoints (attnedit.models.architectures) ------------------------------------------------------
+PUBLISHED = (
+    dict(name="flux1-dev", hub_id="black-forest-labs/FLUX.1-dev", pipeline="FluxPipeline",
+         reduced={"num_layers": 1, "num_single_layers": 1}),
+)
+
+
+def published_sites(c: dict) -> list[tuple[str, str, int, str]]:
+    """Double-stream then single-stream blocks, one flat joint index."""
+    h = c["num_attention_heads"]
+    return ([(f"transformer_blocks.{i}.attn", "joint", h, "double") for i in range(c["num_layers"])]
+            + [(f"single_transformer_blocks.{i}.attn", "joint", h, "single") for i in range(c["num_single_layers"])])
+
+
+def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
+    """Packed latents (2x2 VAE latents per token) with their ids; guidance for guidance-distilled checkpoints."""
+    c = model.config
+    h, w = size or (4, 6)
+    dtype = next(model.parameters()).dtype
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    out = {"hidden_states": rand(batch, h * w, c.in_channels), "timestep": t / 1000,
+           "encoder_hidden_states": rand(batch, text, c.joint_attention_dim),
+           "pooled_projections": rand(batch, c.pooled_projection_dim),
+           "img_ids": ids.reshape(-1, 3).to(dtype), "txt_ids": torch.zeros(text, 3, dtype=dtype)}
+    if c.guidance_embeds:
+        out["guidance"] = torch.full((batch,), 3.5)
+    return out
