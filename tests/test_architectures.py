@@ -16,7 +16,8 @@ import torch
 from attnedit.processors import EditProcessor
 from attnedit import AttentionRecorder, HeadBlend, KeyMask, install
 from attnedit.families import detect_family
-from attnedit.methods.head_guidance import PERTURBED_KIND, perturbed_guidance
+from attnedit.families import get_family
+from attnedit.methods.head_guidance import perturbed_guidance
 from attnedit.methods.radial import PRESETS, RadialAttention, radial_block_mask
 from attnedit.models.architectures import ARCHITECTURES, meta_denoiser
 
@@ -218,7 +219,7 @@ def test_key_mask_gives_hidden_keys_exactly_zero_weight(reduced):
 def test_soft_pag_guidance_equals_its_formula(reduced):
     """perturbed_guidance on the real head layout: eps_c + w (eps_c - eps_p), eps_p from the HeadBlend edit."""
     arch, model, inputs, stock = reduced
-    kind = PERTURBED_KIND[arch.family]
+    kind = get_family(arch.family).perturbed_kind
     perturbed = _run(model, inputs, HeadBlend(strength=1.0, heads={0: (0, 1)}, kinds=frozenset({kind})))
     assert not torch.allclose(perturbed, stock)
     with torch.no_grad(), perturbed_guidance(model, heads="L0H0,L0H1", scale=2.0, cfg_scale=1.0):

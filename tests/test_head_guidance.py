@@ -16,7 +16,6 @@ from attnedit.core.edits import HeadBlend
 from attnedit.core.families import AttentionCall, Site
 from attnedit.core.perturbation import perturbed_keep
 from attnedit.methods.head_guidance import (
-    PERTURBED_KIND,
     SoftPAG,
     format_heads,
     head_presets,
@@ -389,7 +388,7 @@ def test_pag_equals_diffusers_pag_pipeline(tiny_pipe, family):
     """
     pipe = tiny_pipe(family)
     with install(pipe) as handle:
-        site = [s for s in handle.sites if s.kind == PERTURBED_KIND[handle.family.name]][-1]
+        site = [s for s in handle.sites if s.kind == handle.family.perturbed_kind][-1]
     if family == "sd3":
         assert all(b.attn.norm_q is None for b in pipe.transformer.transformer_blocks)
     kwargs = {**zoo.call_kwargs(family), "num_inference_steps": 2, "output_type": "latent"}

@@ -216,7 +216,7 @@ def test_bad_mask_geometry_and_presets_raise():
         radial_block_mask(4, 64, 64, 0.0)
     with pytest.raises(ValueError, match=r"preset='cogvideo'; valid: \["):
         RadialAttention.preset("cogvideo")
-    with pytest.raises(ValueError, match=r"needs a video transformer \(wan, hunyuan_video\); got flux"):
+    with pytest.raises(ValueError, match=r"needs a video transformer; got flux"):
         RadialAttention().validate([Site("a", "joint", 0, 2)], "flux")
     with pytest.raises(ValueError, match=r"needs a \(frames, h, w\) token grid"):
         RadialAttention().block_mask(dataclasses.replace(make_call(), grid=(80,)))

@@ -132,6 +132,7 @@ class Family:
     perturbed_kind: str = "self"  # the attention kind PAG / SoftPAG perturb by default
     video: bool = False  # video tokens (f, h, w): radial attention and video editing apply
     text_kind: str = ""  # the kind whose calls hold text-image attention ("cross" / "joint"), "" for none
+    radial_preset: Callable[[Any], str] | None = None  # video: the authors' radial preset name for a pipeline
     context_parallel: ContextParallel | None = None  # its split under Ulysses, where attnedit knows it
     latent_key: str = "hidden_states"  # the forward argument holding the latents
     extra_info: Callable[[torch.nn.Module, dict], Mapping[str, Any]] | None = None  # more ForwardInfo for layout

@@ -57,6 +57,7 @@ FAMILY = Family(
     layout=layout,
     perturbed_kind="joint",
     video=True,
+    radial_preset=lambda pipe: "hunyuan_video",
     text_kind="joint",
     context_parallel=ContextParallel(plan=CP_PLAN, split_text=True, refuse=refuse_split),
     aliases=("hunyuanvideo",),

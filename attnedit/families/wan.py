@@ -19,6 +19,12 @@ def layout(call: ProcessorCall, info: ForwardInfo | None, num_queries: int, num_
     return TokenLayout(video, slice(0, 0), None, slice(0, num_keys))
 
 
+def radial_preset(pipe) -> str:
+    """Wan 2.2 (two denoisers, or one timestep per token as in TI2V-5B) has its own released radial settings."""
+    config = getattr(pipe, "config", {}) or {}
+    return "wan22" if getattr(pipe, "transformer_2", None) is not None or config.get("expand_timesteps") else "wan"
+
+
 FAMILY = Family(
     name="wan",
     model_class="WanTransformer3DModel",
@@ -28,6 +34,7 @@ FAMILY = Family(
     layout=layout,
     perturbed_kind="self",
     video=True,
+    radial_preset=radial_preset,
     text_kind="cross",
     context_parallel=ContextParallel(),  # the model's own _cp_plan
     aliases=("wan2.1", "wan2.2"),

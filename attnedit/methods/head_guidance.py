@@ -45,14 +45,14 @@ from diffusers.hooks import HookRegistry, ModelHook
 from attnedit.core.edits import HeadBlend
 from attnedit.core.families import Site
 from attnedit.core.install import Installation, install, unwrap_compiled
+from attnedit.families import get_family
 
 __all__ = [
-    "PERTURBED_KIND", "SoftPAG", "format_heads", "head_presets", "load_heads", "parse_heads", "perturbed_guidance",
+    "SoftPAG", "format_heads", "head_presets", "load_heads", "parse_heads", "perturbed_guidance",
     "resolve_heads", "soft_pag",
 ]
 
 # The attention kind whose heads are perturbed, per family (SD3.5's extra attn2 is "self": not perturbed).
-PERTURBED_KIND = {"unet": "self", "sd3": "joint", "flux": "joint", "wan": "self", "hunyuan_video": "joint"}
 HeadSpec = Any  # str | list[(layer, head | None)] | dict[int, tuple[int, ...] | None] | path to a ranking JSON
 _ITEM = re.compile(r"^(?:(\d+):(\d+|\*)|L(\d+)(?:H(\d+))?)$", re.IGNORECASE)
 _HOOK = "attnedit_pag"
@@ -165,7 +165,7 @@ def resolve_heads(spec: HeadSpec, sites: list[Site], family: str) -> dict[int, t
     if preset is not None and preset.get("family") not in (None, family):
         raise ValueError(f"heads={spec!r} is the preset of {preset.get('model')} (a {preset['family']} model); "
                          f"this model is {family}: search its own heads (attnedit heads) or name them")
-    kind = PERTURBED_KIND[family]
+    kind = get_family(family).perturbed_kind
     counts = {s.layer: s.heads for s in sites if s.kind == kind}
     if not counts:
         raise ValueError(f"heads={spec!r}: this {family} model has no {kind}-attention layer to perturb")
@@ -209,7 +209,7 @@ def soft_pag(model: Any, heads: HeadSpec, strength: float = 1.0, **options: Any)
     """
     with install(model) as probe:
         sites, family = probe.sites, probe.family.name
-    kind = PERTURBED_KIND[family]
+    kind = probe.family.perturbed_kind
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
         raise ValueError(f"soft_pag got unknown option(s) {unknown}; valid: {sorted(_OPTIONS)}")

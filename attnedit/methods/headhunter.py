@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from attnedit.core.install import install
-from attnedit.methods.head_guidance import PERTURBED_KIND, format_heads, perturbed_guidance, resolve_heads
+from attnedit.methods.head_guidance import format_heads, perturbed_guidance, resolve_heads
 
 __all__ = ["AestheticScore", "ClipScore", "HeadHunter", "colorfulness", "headhunter"]
 
@@ -202,8 +202,7 @@ class HeadHunter:
     @staticmethod
     def _candidates(pipe: Any, layers: Any, candidates: Any) -> list[Head]:
         with install(pipe) as probe:
-            sites, family = probe.sites, probe.family.name
-        kind = PERTURBED_KIND[family]
+            sites, family, kind = probe.sites, probe.family.name, probe.family.perturbed_kind
         pool = resolve_heads(candidates if candidates is not None else {s.layer: None for s in sites if s.kind == kind}, sites, family)
         keep = _layer_filter(layers)
         heads = [(layer, h) for layer, hs in pool.items() if keep is None or layer in keep for h in hs]

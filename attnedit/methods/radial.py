@@ -48,7 +48,6 @@ from attnedit.methods.radial_presets import ALIASES, PRESETS
 if TYPE_CHECKING:
     from attnedit.core.families import AttentionCall, Site
 
-FAMILIES = ("wan", "hunyuan_video")
 
 # The authors' released settings (mit-han-lab/radial-attention, scripts/*.sh), one per script; the comment names the
 # script, the video it was run at and its sampling steps. Fields not given take RadialAttention's defaults (block
@@ -222,8 +221,10 @@ class RadialAttention(Edit):
         return cls(**{**PRESETS[name], **overrides})
 
     def validate(self, sites: list[Site], family: str) -> None:
-        if family not in FAMILIES:
-            raise ValueError(f"RadialAttention needs a video transformer ({', '.join(FAMILIES)}); got {family}")
+        from attnedit.families import get_family
+
+        if not get_family(family).video:
+            raise ValueError(f"RadialAttention needs a video transformer; got {family}")
         super().validate(sites, family)
 
     def geometry(self, call: AttentionCall) -> tuple[int, int]:

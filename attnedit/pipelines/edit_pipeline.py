@@ -41,10 +41,9 @@ from diffusers import DiffusionPipeline
 from attnedit.core.attention import BACKENDS
 from attnedit.core.checks import as_mask, is_int
 from attnedit.core.edits import Edit, KeyMask, mask_coverage
-from attnedit.families import detect_family
+from attnedit.families import detect_family, get_family
 from attnedit.core.install import install
 from attnedit.methods.head_guidance import perturbed_guidance
-from attnedit.methods.radial import FAMILIES as RADIAL_FAMILIES
 from attnedit.methods.radial import RadialAttention
 from attnedit.methods.refocusing import Layout, RefocusConfig
 from attnedit.models.zoo import denoiser
@@ -114,7 +113,7 @@ class AttnEditPipeline:
             return stock_call(self, *args, **kwargs)
         family = _family(self)
         _check_options(self, options, family)
-        edits = _collect_edits(options, family, default_preset(self) if family in RADIAL_FAMILIES else family)
+        edits = _collect_edits(options, family, default_preset(self) if get_family(family).video else family)
         _check_key_mask(self, edits[0] if options["key_mask"] is not None else None, family, dict(zip(_names(self), args), **kwargs))
         layout, heads, backend = options["layout"], options["pag_heads"], options["edit_backend"]
         with ExitStack() as stack:
@@ -205,7 +204,7 @@ def _check_key_mask(pipe: Any, edit: KeyMask | None, family: str, kwargs: dict[s
     image's (checked on the coarsest patch grid; the call's size, else the pipeline's default)."""
     if edit is None:
         return
-    mask, video = edit.mask, family in RADIAL_FAMILIES
+    mask, video = edit.mask, get_family(family).video
     if mask.ndim == 3 and not video:
         raise ValueError(f"key_mask= of shape {tuple(mask.shape)} is a video mask (F, H, W); {family} makes "
                          "images: give an (H, W) mask")
@@ -237,8 +236,8 @@ def _check_key_mask(pipe: Any, edit: KeyMask | None, family: str, kwargs: dict[s
 def _as_radial(value: Any, family: str, preset: str) -> RadialAttention:
     """``True``: the pipeline's preset (``wan22`` for Wan 2.2); a name: that preset; a dict: the pipeline's preset
     with these fields."""
-    if family not in RADIAL_FAMILIES:
-        raise ValueError(f"radial= needs a video diffusion transformer ({', '.join(RADIAL_FAMILIES)}); this pipeline is {family}")
+    if not get_family(family).video:
+        raise ValueError(f"radial= needs a video diffusion transformer; this pipeline is {family}")
     if isinstance(value, RadialAttention):
         return value
     if value is True:

@@ -20,17 +20,16 @@ from typing import Any
 from attnedit.core.attention import BACKENDS
 from attnedit.families import detect_family
 from attnedit.core.install import install
-from attnedit.methods.radial import FAMILIES, RadialAttention
+from attnedit.methods.radial import RadialAttention
 
 
 def default_preset(pipe: Any) -> str:
     """The authors' preset for this pipeline: ``"wan22"`` for Wan 2.2 (two denoisers, or one timestep per token as
     in TI2V-5B), else the family's (``"wan"``, ``"hunyuan_video"``)."""
-    family = detect_family(pipe.transformer).name
-    config = getattr(pipe, "config", {}) or {}
-    if family == "wan" and (getattr(pipe, "transformer_2", None) is not None or config.get("expand_timesteps")):
-        return "wan22"
-    return family
+    family = detect_family(pipe.transformer)
+    if family.radial_preset is None:
+        raise ValueError(f"radial attention needs a video diffusion transformer; this pipeline is {family.name}")
+    return family.radial_preset(pipe)
 
 
 def _num_steps(pipe: Any, call_kwargs: dict[str, Any]) -> int:
@@ -86,7 +85,6 @@ def _check_arguments(pipe: Any, radial: Any, backend: Any, preset: Any) -> None:
     model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     if model is None:
         raise ValueError(f"pipe={type(pipe).__name__} is not a video diffusion pipeline (Wan, HunyuanVideo)")
-    family = detect_family(model).name
-    if family not in FAMILIES:
-        raise ValueError(f"generate_radial needs a video diffusion transformer ({', '.join(FAMILIES)}); "
-                         f"{type(pipe).__name__} is {family}")
+    family = detect_family(model)
+    if not family.video:
+        raise ValueError(f"generate_radial needs a video diffusion transformer; {type(pipe).__name__} is {family.name}")
