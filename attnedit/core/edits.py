@@ -77,13 +77,18 @@ class Edit:
     # -- where ---------------------------------------------------------------------------------------------
     def covers(self, call: AttentionCall) -> bool:
         """True when this call is one the edit acts on (kind, layer, step; branches are per row)."""
-        if self.kinds is not None and call.site.kind not in self.kinds:
-            return False
-        if self.layers is not None and call.site.layer not in self.layers:
-            return False
-        if self.steps is not None and not self.steps[0] <= call.step < self.steps[1]:
+        if not self.acts_at(call.site, call.step):
             return False
         return self.branches is None or any(b in self.branches for b in call.branches)
+
+    def acts_at(self, site: Site, step: int) -> bool:
+        """The part of :meth:`covers` known before a call runs (site and step): a processor with no edit acting
+        here calls the stock processor directly."""
+        if self.kinds is not None and site.kind not in self.kinds:
+            return False
+        if self.layers is not None and site.layer not in self.layers:
+            return False
+        return self.steps is None or self.steps[0] <= step < self.steps[1]
 
     def rows(self, call: AttentionCall) -> torch.Tensor | None:
         """Bool ``(B,)`` of batch rows in this edit's branches, or None for every row."""

@@ -22,7 +22,7 @@ import torch
 from attnedit.core.attention import attend
 from attnedit.core.families import AttentionCall, Family, ProcessorCall, Site, TokenLayout
 from attnedit.processors.projections import MASKING_BACKENDS, Projected, xformers_attention
-from attnedit.processors.stock import call_signature, dispatch, rebound_call, run_stock
+from attnedit.processors.stock import call_arguments, call_signature, dispatch, rebound_call, run_stock
 from attnedit.processors.ulysses import global_call, ulysses_attention, ulysses_config
 
 if TYPE_CHECKING:
@@ -51,7 +51,10 @@ class EditProcessor:
         self.original = original
 
     def _active(self) -> bool:
-        return bool(self.installation.edits_at(self.site)) or self.installation.backend == "reference"
+        if self.installation.backend == "reference":
+            return True
+        step = self.installation.state.step
+        return any(e.acts_at(self.site, step) for e in self.installation.edits_at(self.site))
 
     def _call(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> AttentionCall:
         state = self.installation.state
@@ -101,8 +104,7 @@ class StockEditProcessor(EditProcessor):
 
     def _processor_call(self, index: int) -> ProcessorCall:
         attn, args, kwargs = self._invocation
-        bound = call_signature(type(self.original)).bind_partial(attn, *args, **kwargs).arguments
-        return ProcessorCall(self.site, dict(bound), index)
+        return ProcessorCall(self.site, call_arguments(type(self.original), (attn, *args), kwargs), index)
 
     def edited_attention(self, arguments: dict[str, Any]) -> torch.Tensor:
         """One dispatcher call of the stock code: ``arguments`` as ``dispatch_attention_fn`` takes them."""

@@ -23,6 +23,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 DISPATCH = "dispatch_attention_fn"
 _SIGNATURE = inspect.signature(dispatch_attention_fn)
+_NAMES = tuple(_SIGNATURE.parameters)  # binding by zip: inspect's bind costs more than a small attention call
+_DEFAULTS = {n: p.default for n, p in _SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty}
 # the attnedit processor whose stock code is running (its edited_attention gets the dispatch calls), if any
 RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("attnedit_running_processor", default=None)
 
@@ -32,9 +34,8 @@ def edited_dispatch(*args: Any, **kwargs: Any) -> torch.Tensor:
     processor = RUNNING.get()
     if processor is None:
         return dispatch_attention_fn(*args, **kwargs)
-    bound = _SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return processor.edited_attention(dict(bound.arguments))
+    arguments = {**_DEFAULTS, **dict(zip(_NAMES, args)), **kwargs}
+    return processor.edited_attention(arguments)
 
 
 def dispatch(arguments: dict[str, Any]) -> torch.Tensor:
@@ -93,3 +94,16 @@ def call_signature(stock_class: type) -> inspect.Signature:
         signature = inspect.signature(stock_class.__call__)
         _SIGNATURES[stock_class] = signature.replace(parameters=list(signature.parameters.values())[1:])
     return _SIGNATURES[stock_class]
+
+
+_CALL_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def call_arguments(stock_class: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The stock ``__call__``'s arguments by name (``attn`` first; defaults left out), bound by position."""
+    names = _CALL_NAMES.get(stock_class)
+    if names is None:
+        names = _CALL_NAMES[stock_class] = tuple(
+            n for n, p in call_signature(stock_class).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return {**dict(zip(names, args)), **kwargs}
