@@ -112,6 +112,8 @@ def dense_attention(
     if block is not None:
         scores = scores.masked_fill(~block.dense().to(scores.device), float("-inf"))
     probs = scores.softmax(dim=-1)
+    if mask is not None or block is not None:  # a query that may see no key gets zeros, as torch's SDPA gives
+        probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)  # (padded text queries)
     return (probs @ v).to(dtype), probs.to(dtype)
 
 

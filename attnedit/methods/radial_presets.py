@@ -9,6 +9,9 @@ PRESETS: dict[str, dict] = {
     "wan": {"decay": 0.2, "sink": True, "dense_steps": 12, "dense_layers": 1},
     # hunyuan_t2v_inference.sh: HunyuanVideo, 768x1280x117, 50 steps
     "hunyuan_video": {"decay": 0.95, "sink": False, "dense_steps": 12, "dense_layers": 0},
+    # HunyuanVideo 1.5: the authors released no script for it (mit-han-lab/radial-attention has HunyuanVideo and
+    # Wan only); these are HunyuanVideo's settings carried over unchanged, not tuned or measured on 1.5
+    "hunyuan_video15": {"decay": 0.95, "sink": False, "dense_steps": 12, "dense_layers": 0},
     # wan_22_t2v_inference.sh: Wan 2.2 (T2V A14B, 768x1280x77, 40 steps; TI2V-5B runs the same processor):
     # blocks of 64, far-frame thinning still against the hard-coded 128
     "wan22": {"decay": 0.8, "block_size": 64, "thinning_width": 128, "sink": True, "dense_steps": 11, "dense_layers": 1},

@@ -1,0 +1,89 @@
+"""HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``): 54 double-stream blocks, joint attention over
+``[video, context]``.
+
+The context is one sequence per row: the SigLIP image tokens (image-to-video; zeroed and masked out in
+text-to-video), the ByT5 glyph tokens and the Qwen2.5-VL text tokens, valid tokens first and padding after, with a key
+padding mask. There are no single-stream blocks; the token refiner's attention (text only) is not a site. The stock
+processor sends attention through diffusers' dispatcher, so attnedit keeps it. Image-to-video's leading image tokens
+are neither video nor text: token-level edits leave them alone (``extra_info`` counts them). CFG: separate passes
+through the pipeline's guider, cond first.
+
+Published config: ``hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v`` ``transformer/config.json``, as
+copied verbatim (``_diffusers_version`` 0.36.0.dev0) into public test suites (no hub access here); it matches
+diffusers' own defaults except ``task_type``. The 480p image-to-video checkpoint has the same architecture
+(``task_type: "i2v"`` only), so its site table is this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from attnedit.core.families import Family, ForwardInfo, ProcessorCall, TokenLayout, patch_grid
+
+
+def extra_info(model: torch.nn.Module, bound: dict) -> Mapping[str, Any]:
+    """How many image-condition tokens lead the context (0 in text-to-video: the model masks them out and moves
+    them behind the text)."""
+    image = bound.get("image_embeds")
+    if image is None or not bool(torch.any(image != 0)):
+        return {"image_tokens": 0}
+    return {"image_tokens": image.shape[1]}
+
+
+def layout(call: ProcessorCall, info: ForwardInfo | None, num_queries: int, num_keys: int) -> TokenLayout | None:
+    """Refiner calls (no context) are not sites; in a joint call the video comes first, then the context."""
+    context = call.get("encoder_hidden_states")
+    if context is None:
+        return None
+    start = num_queries - context.shape[1]
+    image_tokens = int(info.extra.get("image_tokens", 0)) if info is not None else 0
+    video, text = slice(0, start), slice(start + image_tokens, num_queries)
+    return TokenLayout(video, video, text, text)
+
+
+FAMILY = Family(
+    name="hunyuan_video15",
+    model_class="HunyuanVideo15Transformer3DModel",
+    batched_cfg=False,
+    site_rules=((r"transformer_blocks\.\d+\.attn", "joint", "double"),),
+    read_grid=patch_grid,
+    layout=layout,
+    perturbed_kind="joint",
+    video=True,
+    radial_preset=lambda pipe: "hunyuan_video15",
+    text_kind="joint",
+    context_parallel=None,  # diffusers 0.42 ships no _cp_plan for this model; attnedit declares none untested
+    extra_info=extra_info,
+    aliases=("hunyuanvideo15", "hunyuan_video_1.5", "hunyuanvideo-1.5"),
+)
+
+
+# -- published checkpoints (attnedit.models.architectures) ------------------------------------------------------
+PUBLISHED = (
+    dict(name="hunyuan-video-1.5-480p-t2v", hub_id="hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
+         pipeline="HunyuanVideo15Pipeline", reduced={"num_layers": 1, "num_refiner_layers": 1}),
+)
+
+
+def published_sites(c: dict) -> list[tuple[str, str, int, str]]:
+    """One joint attention per double-stream block, nothing else."""
+    return [(f"transformer_blocks.{i}.attn", "joint", c["num_attention_heads"], "double") for i in range(c["num_layers"])]
+
+
+def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
+    """Video latents (noisy + condition latents + mask channel, as ``in_channels``), Qwen text and ByT5 glyph
+    tokens each with their last 3 padded, and text-to-video's all-zero image tokens (8 here; SigLIP gives 729)."""
+    c = model.config
+    f, h, w = size or (4, 4, 4)
+    mask = torch.zeros(batch, text, dtype=torch.bool)
+    mask[:, : text - 3] = True
+    glyphs = 8
+    mask_2 = torch.zeros(batch, glyphs, dtype=torch.bool)
+    mask_2[:, : glyphs - 3] = True
+    return {"hidden_states": rand(batch, c.in_channels, f, h, w), "timestep": t,
+            "encoder_hidden_states": rand(batch, text, c.text_embed_dim), "encoder_attention_mask": mask,
+            "encoder_hidden_states_2": rand(batch, glyphs, c.text_embed_2_dim), "encoder_attention_mask_2": mask_2,
+            "image_embeds": torch.zeros(batch, 8, c.image_embed_dim, dtype=next(model.parameters()).dtype)}
