@@ -27,6 +27,7 @@ NAMES = list(ARCHITECTURES)
 SITE_COUNTS = {
     "sd15": {"self": 16, "cross": 16}, "sdxl-base": {"self": 70, "cross": 70},
     "sd3-medium": {"joint": 24}, "sd3.5-medium": {"joint": 24, "self": 13}, "flux1-dev": {"joint": 19 + 38},
+    "flux1-kontext-dev": {"joint": 19 + 38},
     "wan2.1-t2v-1.3b": {"self": 30, "cross": 30}, "wan2.1-i2v-14b-480p": {"self": 40, "cross": 40},
     "wan2.2-t2v-a14b": {"self": 40, "cross": 40}, "wan2.2-ti2v-5b": {"self": 30, "cross": 30},
     "hunyuan-video": {"joint": 20 + 40}, "hunyuan-video-1.5-480p-t2v": {"joint": 54},
@@ -35,7 +36,7 @@ SITE_COUNTS = {
 }
 HEAD_LAYOUT = {  # (heads, head dims) of every site
     "sd15": ({8}, {40, 80, 160}), "sdxl-base": ({10, 20}, {64}), "sd3-medium": ({24}, {64}),
-    "sd3.5-medium": ({24}, {64}), "flux1-dev": ({24}, {128}), "wan2.1-t2v-1.3b": ({12}, {128}),
+    "sd3.5-medium": ({24}, {64}), "flux1-dev": ({24}, {128}), "flux1-kontext-dev": ({24}, {128}), "wan2.1-t2v-1.3b": ({12}, {128}),
     "wan2.1-i2v-14b-480p": ({40}, {128}), "wan2.2-t2v-a14b": ({40}, {128}), "wan2.2-ti2v-5b": ({24}, {128}),
     "hunyuan-video": ({24}, {128}), "hunyuan-video-1.5-480p-t2v": ({16}, {128}),
     "flux2-dev": ({48}, {128}), "flux2-klein-4b": ({24}, {128}), "flux2-klein-9b": ({32}, {128}),

@@ -73,7 +73,7 @@ class Architecture:
         cls = getattr(diffusers, self.model_class)
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
-            model = cls(**config)
+            model = cls.from_config(config)  # from_config: published keys the class no longer takes are ignored
         return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
     # -- what the real model has -----------------------------------------------------------------------------
