@@ -36,7 +36,8 @@ SITE_COUNTS = {
 }
 HEAD_LAYOUT = {  # (heads, head dims) of every site
     "sd15": ({8}, {40, 80, 160}), "sdxl-base": ({10, 20}, {64}), "sd3-medium": ({24}, {64}),
-    "sd3.5-medium": ({24}, {64}), "flux1-dev": ({24}, {128}), "flux1-kontext-dev": ({24}, {128}), "wan2.1-t2v-1.3b": ({12}, {128}),
+    "sd3.5-medium": ({24}, {64}), "flux1-dev": ({24}, {128}), "wan2.1-t2v-1.3b": ({12}, {128}),
+    "flux1-kontext-dev": ({24}, {128}),
     "wan2.1-i2v-14b-480p": ({40}, {128}), "wan2.2-t2v-a14b": ({40}, {128}), "wan2.2-ti2v-5b": ({24}, {128}),
     "hunyuan-video": ({24}, {128}), "hunyuan-video-1.5-480p-t2v": ({16}, {128}),
     "flux2-dev": ({48}, {128}), "flux2-klein-4b": ({24}, {128}), "flux2-klein-9b": ({32}, {128}),

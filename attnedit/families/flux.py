@@ -42,6 +42,8 @@ def layout(call: ProcessorCall, info: ForwardInfo | None, num_queries: int, num_
     return TokenLayout(image, image, words, words)
 
 
+from attnedit.families import _flux_pipeline as _pipeline  # the pipeline hooks (refocusing, DesignEdit, video editing)
+
 FAMILY = Family(
     name="flux",
     model_class="FluxTransformer2DModel",
@@ -55,6 +57,7 @@ FAMILY = Family(
     perturbed_kind="joint",
     text_kind="joint",
     aliases=("flux1", "flux-kontext"),
+    image_pipeline=_pipeline.PIPELINE,  # refocusing: FluxPipeline; DesignEdit: FLUX.1 (2x2 packing, distilled)
 )
 
 
@@ -62,6 +65,9 @@ FAMILY = Family(
 PUBLISHED = (
     dict(name="flux1-dev", hub_id="black-forest-labs/FLUX.1-dev", pipeline="FluxPipeline",
          reduced={"num_layers": 1, "num_single_layers": 1}),
+    # transformer/config.json of black-forest-labs/FLUX.1-Kontext-dev (FLUX.1-dev's widths; written out by hand)
+    dict(name="flux1-kontext-dev", hub_id="black-forest-labs/FLUX.1-Kontext-dev", pipeline="FluxKontextPipeline",
+         reduced={"num_layers": 1, "num_single_layers": 1}, pipeline_config={"reference_image": True}),
 )
 
 
@@ -73,7 +79,11 @@ def published_sites(c: dict) -> list[tuple[str, str, int, str]]:
 
 
 def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
-    """Packed latents (2x2 VAE latents per token) with their ids; guidance for guidance-distilled checkpoints."""
+    """Packed latents (2x2 VAE latents per token) with their ids; guidance for guidance-distilled checkpoints.
+
+    Kontext (``pipeline_config["reference_image"]``): a same-size reference image's tokens follow the target's,
+    ids ``(1, row, column)``, as ``FluxKontextPipeline.prepare_latents`` builds them.
+    """
     c = model.config
     h, w = size or (4, 6)
     dtype = next(model.parameters()).dtype
@@ -85,4 +95,38 @@ def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
            "img_ids": ids.reshape(-1, 3).to(dtype), "txt_ids": torch.zeros(text, 3, dtype=dtype)}
     if c.guidance_embeds:
         out["guidance"] = torch.full((batch,), 3.5)
+    if arch.pipeline_config.get("reference_image"):
+        reference = out["img_ids"].clone()
+        reference[:, 0] = 1
+        out["hidden_states"] = torch.cat([out["hidden_states"], rand(batch, h * w, c.in_channels)], dim=1)
+        out["img_ids"] = torch.cat([out["img_ids"], reference])
     return out
+
+
+# -- tiny random-weight pipeline (attnedit.models.zoo) ------------------------------------------------------------
+def _build_kontext():
+    """FLUX.1 Kontext on the tiny FLUX components: same denoiser class, reference image tokens appended."""
+    from diffusers import FluxKontextPipeline
+
+    from attnedit.models import zoo
+
+    return FluxKontextPipeline(**zoo.build_pipeline("flux").components)
+
+
+def _reference_image():
+    """A 64x64 two-colour picture: the image Kontext conditions on."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (40, 90, 200))
+    image.paste((220, 40, 40), (16, 16, 40, 40))
+    return image
+
+
+TINY = {
+    "flux_kontext": {
+        "build": _build_kontext,
+        # max_area and _auto_resize keep the tiny model at 64x64 (the defaults resize to ~1 megapixel)
+        "call": {"height": 64, "width": 64, "guidance_scale": 2.5, "max_sequence_length": 32, "max_area": 64 * 64,
+                 "_auto_resize": False, "image": _reference_image()},
+    },
+}
