@@ -43,15 +43,27 @@ def dispatch(arguments: dict[str, Any]) -> torch.Tensor:
     return dispatch_attention_fn(**arguments)
 
 
-def calls_dispatcher(func: Callable) -> bool:
-    """Whether ``func``'s code (nested functions included) names ``dispatch_attention_fn``."""
+def _global_names(func: Callable) -> set[str]:
+    """The global names ``func``'s code (nested functions included) uses."""
+    names: set[str] = set()
     stack = [func.__code__]
     while stack:
         code = stack.pop()
-        if DISPATCH in code.co_names:
-            return True
+        names.update(code.co_names)
         stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return False
+    return names
+
+
+def calls_dispatcher(func: Callable) -> bool:
+    """Whether ``func``'s code (nested functions included) names ``dispatch_attention_fn``."""
+    return DISPATCH in _global_names(func)
+
+
+def _with_globals(func: Callable, namespace: dict[str, Any]) -> Callable:
+    copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__qualname__ = func.__qualname__
+    return copy
 
 
 _REBOUND: dict[Any, Callable] = {}
@@ -69,10 +81,14 @@ def rebound_call(stock_class: type) -> Callable:
             )
         namespace = dict(func.__globals__)
         namespace[DISPATCH] = edited_dispatch
-        copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
-        copy.__kwdefaults__ = func.__kwdefaults__
-        copy.__qualname__ = func.__qualname__
-        _REBOUND[func] = copy
+        # module-level helpers that call the dispatcher for the processor (FLUX.2's KV-cache attention) see the
+        # same namespace, so their calls are routed too (one level deep)
+        for name in _global_names(func):
+            helper = namespace.get(name)
+            if (isinstance(helper, types.FunctionType) and helper.__globals__ is func.__globals__
+                    and calls_dispatcher(helper)):
+                namespace[name] = _with_globals(helper, namespace)
+        _REBOUND[func] = _with_globals(func, namespace)
     return _REBOUND[func]
 
 
