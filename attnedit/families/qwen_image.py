@@ -57,9 +57,9 @@ FAMILY = Family(
 
 # -- published checkpoints (attnedit.models.architectures) ------------------------------------------------------
 PUBLISHED = (
-    dict(name="qwen-image", hub_id="Qwen/Qwen-Image", pipeline="QwenImagePipeline", reduced={"num_layers": 1}),
-    dict(name="qwen-image-edit", hub_id="Qwen/Qwen-Image-Edit", pipeline="QwenImageEditPipeline",
-         reduced={"num_layers": 1}),
+    {"name": "qwen-image", "hub_id": "Qwen/Qwen-Image", "pipeline": "QwenImagePipeline", "reduced": {"num_layers": 1}},
+    {"name": "qwen-image-edit", "hub_id": "Qwen/Qwen-Image-Edit", "pipeline": "QwenImageEditPipeline",
+     "reduced": {"num_layers": 1}},
 )
 
 
@@ -106,8 +106,12 @@ def _chat_tokenizer():
 
 
 def _build_qwen_image():
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = _chat_tokenizer()
@@ -115,7 +119,8 @@ def _build_qwen_image():
         text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512,
                      "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6},
-                     "pad_token_id": tokenizer.pad_token_id},
+                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.pad_token_id,  # as Qwen2.5-VL's
+                     "eos_token_id": tokenizer.eos_token_id},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
         vocab_size=len(tokenizer))
     encoder = Qwen2_5_VLForConditionalGeneration(config)
