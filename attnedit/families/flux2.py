@@ -143,13 +143,13 @@ def _build_klein():
     tokenizer = word_tokenizer("llama")
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # Qwen3's, minus the markup
     encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id))
     transformer = _tiny_transformer()
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), layers_per_block=1,
-                             latent_channels=4, norm_num_groups=4, sample_size=32,
-                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    # 4 levels as published (8 px per latent, 16 px per packed token); 28 text layers: the pipeline stacks 9, 18, 27
+    vae = AutoencoderKLFlux2(block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             sample_size=64)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
@@ -168,7 +168,6 @@ def _tiny_transformer() -> torch.nn.Module:
 TINY = {
     "flux2_klein": {
         "build": _build_klein,
-        "call": {"height": 32, "width": 32, "guidance_scale": 4.0, "max_sequence_length": 16,
-                 "text_encoder_out_layers": (1, 2, 3)},
+        "call": {"height": 64, "width": 64, "guidance_scale": 4.0, "max_sequence_length": 16},
     },
 }

@@ -273,7 +273,7 @@ def generate_task(pipe: Any, params: dict[str, Any]) -> list:
     with guidance:
         if layout is not None:
             return _refocused(pipe, layout, prompt, steps, generator, params, kwargs)
-        return pipe(prompt, num_inference_steps=steps, generator=generator,
+        return pipe(prompt=prompt, num_inference_steps=steps, generator=generator,
                     num_images_per_prompt=int(params.get("num_images", 1)), **kwargs).images
 
 

@@ -30,7 +30,7 @@ def generate_with_maps(pipe: Any, prompt: str, seed: int, steps: int, guidance: 
     recorder = AttentionRecorder(kinds=frozenset({"joint" if sd3 else "cross"}), branches=frozenset({"cond"}),
                                  queries="image" if sd3 else "all")
     with install(pipe, recorder), torch.no_grad():
-        result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+        result = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                       generator=torch.Generator("cpu").manual_seed(int(seed)), **call_options(pipe), **size)
     image = (result.images[0] * 255).round().astype(np.uint8)
     if not recorder.maps:
