@@ -87,3 +87,59 @@ def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
             "encoder_hidden_states": rand(batch, text, c.text_embed_dim), "encoder_attention_mask": mask,
             "encoder_hidden_states_2": rand(batch, glyphs, c.text_embed_2_dim), "encoder_attention_mask_2": mask_2,
             "image_embeds": torch.zeros(batch, 8, c.image_embed_dim, dtype=next(model.parameters()).dtype)}
+
+
+# -- tiny random-weight pipeline (attnedit.models.zoo) -----------------------------------------------------------
+_CROP = 108  # HunyuanVideo15Pipeline.prompt_template_encode_start_idx: the chat prefix it cuts off
+
+
+def _chat_tokenizer():
+    """Word-level stand-in for Qwen2Tokenizer with a chat template whose prefix is exactly the ``_CROP`` tokens the
+    pipeline cuts (the real template's system prompt is 108 Qwen tokens), so the cut keeps the prompt whole."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from attnedit.models.zoo_text import word_tokenizer
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    vocab = dict(word_tokenizer("t5").get_vocab())
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    template = ("{{ '<|im_start|>' * " + str(_CROP) + " }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                "{{ m['content'] }}{% endif %}{% endfor %}<|im_end|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048, pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", unk_token="<unk>", chat_template=template)
+
+
+def _build_tiny():
+    from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
+                           HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    tokenizer = _chat_tokenizer()
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}))
+    byt5 = ByT5Tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(byt5), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=8,
+        rope_axes_dim=(2, 2, 4), target_size=64, task_type="t2v")
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8), layers_per_block=1,
+                                      spatial_compression_ratio=4, temporal_compression_ratio=4)
+    return HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=text_encoder_2,
+                                  tokenizer_2=byt5, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
+TINY = {"hunyuan_video15": {"build": _build_tiny, "call": {"height": 32, "width": 32, "num_frames": 5}, "video": True}}
