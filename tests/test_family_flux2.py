@@ -14,6 +14,8 @@ from attnedit import AttentionRecorder, KeyMask, install
 from attnedit.families import detect_family
 from attnedit.models import zoo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MASK = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # hides the top-left quarter of the target image
 
 
