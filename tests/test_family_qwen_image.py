@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from attnedit import AttentionRecorder, KeyMask, install
 from attnedit.families import detect_family
@@ -114,4 +115,4 @@ def test_cli_generate_writes_the_png(tmp_path):
     out = tmp_path / "qwen.png"
     assert main(["generate", "a red cat", "--model", "tiny:qwen_image", "--steps", "2", "--width", "32",
                  "--height", "32", "--out", str(out)]) == 0
-    assert out.is_file() and out.stat().st_size > 0
+    assert Image.open(out).size == (32, 32)

@@ -51,7 +51,7 @@ FAMILY = Family(
     layout=layout,
     perturbed_kind="joint",
     text_kind="joint",
-    aliases=("qwen-image", "qwenimage", "qwen-image-edit"),
+    aliases=("qwen-image", "qwenimage"),
 )
 
 
