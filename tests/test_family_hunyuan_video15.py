@@ -24,14 +24,18 @@ def pipe():
     return zoo.load_tiny_pipeline("hunyuan_video15")
 
 
+@pytest.fixture(scope="module")
+def stock(pipe):
+    return _call(pipe)
+
+
 def _call(pipe, **extra):
     kwargs = {**zoo.call_kwargs("hunyuan_video15"), **extra}  # 2 steps, CFG through the pipeline's guider
     return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
 
 
-def test_tiny_pipeline_is_stock_without_edits_and_key_mask_hides_video_keys(pipe):
+def test_tiny_pipeline_is_stock_without_edits_and_key_mask_hides_video_keys(pipe, stock):
     assert type(pipe).__name__ == "HunyuanVideo15Pipeline" and detect_family(pipe.transformer).name == "hunyuan_video15"
-    stock = _call(pipe)
     with install(pipe):
         assert np.array_equal(_call(pipe), stock)
     mask = torch.zeros(8, 8)
@@ -57,10 +61,9 @@ def test_tiny_pipeline_is_stock_without_edits_and_key_mask_hides_video_keys(pipe
     assert seen == {PROMPT_TOKENS, 1}  # the prompt (cond pass) and the empty negative prompt's <|im_end|> (uncond)
 
 
-def test_head_guidance_runs_and_differs(pipe):
+def test_head_guidance_runs_and_differs(pipe, stock):
     from attnedit.pipelines.edit_pipeline import AttnEditPipeline
 
-    stock = _call(pipe)
     guided = AttnEditPipeline.from_pipe(pipe)(
         **zoo.call_kwargs("hunyuan_video15"), pag_heads="L0H0", pag_scale=3.0, generator=torch.Generator().manual_seed(0)).frames
     assert guided.shape == stock.shape and not np.allclose(guided, stock)
@@ -103,3 +106,30 @@ def test_cli_video_writes_the_mp4(tmp_path):
     assert main(["video", "a red ball rolling", "--model", "tiny:hunyuan_video15", "--steps", "2", "--frames", "5",
                  "--width", "32", "--height", "32", "--out", str(out)]) == 0
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_video_editor_removes_with_exact_zero_weight_on_the_hole(pipe):
+    """The video editor drives HunyuanVideo15Pipeline through the family's hooks: the hole's keys get weight 0."""
+    from attnedit.pipelines.video_edit import VideoEditConfig, VideoEditor
+    from attnedit.pipelines.video_io import linear_track
+
+    video = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    track = linear_track((2, 2, 14, 14), (16, 8, 30, 22), 5)
+    editor = VideoEditor(pipe, VideoEditConfig(num_steps=2, mask_until=1.0))
+    recorder = AttentionRecorder(kinds=editor.model.kinds, mean_heads=False)
+    seen, build = {}, editor._edits
+
+    def edits(hole_keys, inversion):
+        if hole_keys is not None:
+            seen["keys"] = hole_keys
+        return build(hole_keys, inversion) + ([] if inversion else [recorder])
+
+    editor._edits = edits
+    first = editor.remove(video, track)
+    assert first.frames.shape == video.shape and not np.array_equal(first.frames, video)
+    hidden = (seen["keys"] > 0).flatten()
+    assert 0 < int(hidden.sum()) < hidden.numel() and recorder.maps
+    for record in recorder.maps:
+        keys = record.probs[..., record.image_queries, record.image_keys]
+        assert torch.equal(keys[..., hidden], torch.zeros_like(keys[..., hidden]))
+        assert bool((keys[..., ~hidden].sum(-1) > 0).all())

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from attnedit.core.families import Family, ForwardInfo, ProcessorCall, TokenLayout, patch_grid
+from attnedit.families import _hunyuan_video15_pipeline as _pipeline  # the video editor's hooks
 
 
 def extra_info(model: torch.nn.Module, bound: dict) -> Mapping[str, Any]:
@@ -57,6 +58,7 @@ FAMILY = Family(
     text_kind="joint",
     context_parallel=None,  # diffusers 0.42 ships no _cp_plan for this model; attnedit declares none untested
     extra_info=extra_info,
+    video_pipeline=_pipeline.PIPELINE,
     aliases=("hunyuanvideo15", "hunyuan_video_1.5", "hunyuanvideo-1.5"),
 )
 
