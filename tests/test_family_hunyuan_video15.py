@@ -91,6 +91,13 @@ def test_i2v_image_tokens_are_neither_video_nor_text(pipe):
         assert bool((video_rows[..., 24:32] > 0).all()) and not bool(video_rows[..., 32:].any())
 
 
+def test_radial_preset_is_hunyuan_videos_carried_over(pipe):
+    from attnedit.methods.radial import PRESETS
+    from attnedit.pipelines.radial import default_preset
+
+    assert default_preset(pipe) == "hunyuan_video15" and PRESETS["hunyuan_video15"] == PRESETS["hunyuan_video"]
+
+
 def test_sites_cli_prints_the_published_count(capsys):
     from attnedit.surfaces.cli import main
 

@@ -235,6 +235,7 @@ def test_presets_are_the_released_settings():
         "wan22": (0.8, True, 11, 1, 64, 128), "wan_2x": (1.0, True, 2, 2, 128, None),
         "hunyuan_video_4x": (1.0, False, 2, 2, 128, None), "wan_fusionx": (0.2, True, 2, 1, 128, None),
         "wan_lightx2v": (0.2, True, 1, 1, 128, None),
+        "hunyuan_video15": (0.95, False, 12, 0, 128, None),  # no script for 1.5: HunyuanVideo's carried over
     }
     assert {name: fields(RadialAttention.preset(name)) for name in PRESETS} == expected
     assert RadialAttention.preset("wan_lora") == RadialAttention.preset("wan_fusionx")  # earlier names still work

@@ -25,6 +25,8 @@ def radial_preset(pipe) -> str:
     return "wan22" if getattr(pipe, "transformer_2", None) is not None or config.get("expand_timesteps") else "wan"
 
 
+from attnedit.families import _wan_pipeline as _pipeline  # the pipeline hooks (refocusing, DesignEdit, video editing)
+
 FAMILY = Family(
     name="wan",
     model_class="WanTransformer3DModel",
@@ -38,6 +40,7 @@ FAMILY = Family(
     text_kind="cross",
     context_parallel=ContextParallel(),  # the model's own _cp_plan
     aliases=("wan2.1", "wan2.2"),
+    video_pipeline=_pipeline.PIPELINE,
 )
 
 

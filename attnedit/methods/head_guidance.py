@@ -359,7 +359,7 @@ def perturbed_guidance(
     edit = soft_pag(pipe, heads, strength, target=target, scope=scope, branches=frozenset({"perturbed"}), steps=steps)
     with ExitStack() as stack:
         handle = stack.enter_context(install(pipe, edit, backend=backend))
-        share = share_prefix and handle.family.name != "unet"
+        share = share_prefix and handle.family.share_prefix
         for model in handle.models:
             hook = _GuidanceHook(handle, model, float(scale), steps, cfg_scale)
             hook.share = share
