@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from attnedit.core.family_hooks import ImagePipelineHooks, VideoPipelineHooks
+
 
 @dataclass(frozen=True)
 class Site:
@@ -137,6 +139,10 @@ class Family:
     latent_key: str = "hidden_states"  # the forward argument holding the latents
     extra_info: Callable[[torch.nn.Module, dict], Mapping[str, Any]] | None = None  # more ForwardInfo for layout
     aliases: tuple[str, ...] = ()  # other names users may give (CLI, presets)
+    # head guidance may run the blocks before the first perturbed one once for both passes (False: UNets)
+    share_prefix: bool = True
+    image_pipeline: ImagePipelineHooks | None = None  # refocusing / DesignEdit drive its pipeline (family_hooks)
+    video_pipeline: VideoPipelineHooks | None = None  # the video editor drives its pipeline (family_hooks)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         """Editable attention modules in forward order, numbered per kind."""

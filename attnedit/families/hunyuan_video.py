@@ -45,6 +45,8 @@ def layout(call: ProcessorCall, info: ForwardInfo | None, num_queries: int, num_
     return TokenLayout(video, video, text, text)
 
 
+from attnedit.families import _hunyuan_video_pipeline as _pipeline  # the pipeline hooks (refocusing, DesignEdit, video editing)
+
 FAMILY = Family(
     name="hunyuan_video",
     model_class="HunyuanVideoTransformer3DModel",
@@ -61,6 +63,7 @@ FAMILY = Family(
     text_kind="joint",
     context_parallel=ContextParallel(plan=CP_PLAN, split_text=True, refuse=refuse_split),
     aliases=("hunyuanvideo",),
+    video_pipeline=_pipeline.PIPELINE,
 )
 
 

@@ -43,6 +43,8 @@ def finish(attn, out: torch.Tensor, p: Projected, processor=None):
     return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
 
 
+from attnedit.families import _sd3_pipeline as _pipeline  # the pipeline hooks (refocusing, DesignEdit, video editing)
+
 FAMILY = Family(
     name="sd3",
     model_class="SD3Transformer2DModel",
@@ -52,6 +54,7 @@ FAMILY = Family(
     io=FamilyIO(project, finish, sdpa, sdpa),
     perturbed_kind="joint",
     text_kind="joint",
+    image_pipeline=_pipeline.PIPELINE,
 )
 
 

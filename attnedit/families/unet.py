@@ -69,6 +69,8 @@ def finish(attn, out: torch.Tensor, p: Projected, processor=None):
     return hidden_states / attn.rescale_output_factor
 
 
+from attnedit.families import _unet_pipeline as _pipeline  # the pipeline hooks (refocusing, DesignEdit, video editing)
+
 FAMILY = Family(
     name="unet",
     model_class="UNet2DConditionModel",
@@ -80,6 +82,8 @@ FAMILY = Family(
     text_kind="cross",
     latent_key="sample",
     aliases=("sd15", "sdxl"),
+    share_prefix=False,
+    image_pipeline=_pipeline.PIPELINE,
 )
 
 

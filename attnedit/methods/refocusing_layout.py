@@ -180,8 +180,9 @@ def token_layout(pipe: Any, layout: Layout, max_sequence_length: int = 256) -> T
     """Phrase positions among the denoiser's text keys (SD/SDXL: CLIP tokenizer 1; SD3: CLIP then 77 (the CLIP length) + T5;
     FLUX: T5, ``tokenizer_2``)."""
     transformer = getattr(pipe, "transformer", None)
-    if transformer is not None and _is_flux(transformer):
-        groups = [(pipe.tokenizer_2, 0, max_sequence_length)]
+    hooks = _image_hooks(transformer) if transformer is not None else None
+    if hooks is not None and hooks.text_tokenizers is not None:
+        groups = hooks.text_tokenizers(pipe, max_sequence_length)
     else:
         groups = [(pipe.tokenizer, 0, None)]
         if transformer is not None and getattr(pipe, "tokenizer_3", None) is not None \
@@ -198,8 +199,11 @@ def token_layout(pipe: Any, layout: Layout, max_sequence_length: int = 256) -> T
     return TokenLayout(tuple(content), tuple(tuple(index[p] for p in ph) for ph in phrases))
 
 
-def _is_flux(model: Any) -> bool:
-    from attnedit.families import FAMILIES
+def _image_hooks(model: Any) -> Any:
+    """The denoiser family's image-pipeline hooks (None for a model no family declares, e.g. built-in ones)."""
+    from attnedit.families import detect_family
 
-    model = getattr(model, "_orig_mod", model)
-    return any(cls.__name__ == FAMILIES["flux"].model_class for cls in type(model).__mro__)
+    try:
+        return detect_family(model).image_pipeline
+    except ValueError:
+        return None

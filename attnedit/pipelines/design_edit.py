@@ -73,8 +73,8 @@ __all__ = [
 
 PAN_DIRECTIONS = ("left", "right", "up", "down")
 DILATION_UNITS = ("paper", "radius")
-# Per family: (CFG pair weight, share of fresh noise in the hole) when the config leaves them None.
-FAMILY_DEFAULTS = {"unet": (7.5, 0.0), "sd3": (7.5, 0.0), "flux": (1.0, 1.0)}
+# (CFG pair weight, share of fresh noise in the hole) when the config leaves them None: CFG models, guidance-distilled ones
+DEFAULTS, DISTILLED_DEFAULTS = (7.5, 0.0), (1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -147,16 +147,20 @@ class DesignEditConfig:
 
     def for_family(self, family: str, guidance_embeds: bool = False) -> DesignEditConfig:
         """This config with the family's defaults filled in; ValueError for options the model would ignore."""
-        cfg, noise = FAMILY_DEFAULTS[family]
+        from attnedit.families import get_family
+
+        hooks = get_family(family).image_pipeline
+        distilled = hooks is not None and hooks.distilled  # one conditional pass per step, no CFG pair
+        cfg, noise = DISTILLED_DEFAULTS if distilled else DEFAULTS
         config = dataclasses.replace(self, guidance_scale=cfg if self.guidance_scale is None else self.guidance_scale,
                                      hole_noise=noise if self.hole_noise is None else self.hole_noise)
-        if family == "flux" and config.guidance_scale != 1.0:
+        if distilled and config.guidance_scale != 1.0:
             raise ValueError(
                 f"guidance_scale={config.guidance_scale}: FLUX.1 is guidance-distilled and runs one pass, with no "
                 "unconditional branch to amplify the key mask against; leave guidance_scale at 1 (or None) and set "
                 "embedded_guidance for its distilled guidance"
             )
-        if family == "flux" and config.mode == "soft":
+        if distilled and config.mode == "soft":
             raise ValueError("mode='soft' needs the CFG pair to amplify the (1 - M) K key scaling; FLUX.1 runs one "
                              "pass, so use mode='hard' (hidden keys get zero weight)")
         if config.embedded_guidance != 1.0 and not guidance_embeds:

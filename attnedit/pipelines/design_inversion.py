@@ -25,8 +25,6 @@ import torch
 from attnedit.core.checks import check_int
 from attnedit.families import detect_family
 
-FAMILIES = ("unet", "sd3", "flux")
-
 
 @dataclass
 class Run:
@@ -45,7 +43,8 @@ class EditModel:
     def __init__(self, pipe: Any, num_steps: int, prompt: str = "") -> None:
         self.pipe, self.num_steps, self.prompt = pipe, num_steps, prompt
         self.denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-        self.family = detect_family(self.denoiser).name
+        self.declaration = detect_family(self.denoiser)
+        self.family = self.declaration.name
         self._runs: dict[tuple[int, int], Run] = {}
 
     @property
@@ -180,7 +179,11 @@ class DDIMModel(EditModel):
 
 
 class FlowModel(EditModel):
-    """SD3 / SD3.5 and FLUX.1 transformers: Euler steps of the rectified-flow ODE on the pipeline's sigmas."""
+    """Rectified-flow transformers (SD3 / SD3.5, FLUX.1): Euler steps of the velocity ODE on the pipeline's sigmas.
+
+    The family's image-pipeline hooks (``flow_run`` / ``flow_predict``) set the schedule, encode the prompt and
+    make the call (FLUX.1: packing its 2x2 latents there, so latents stay unpacked here).
+    """
 
     kinds = frozenset({"joint", "self"})  # joint image keys; SD3.5's image self-attention (attn2) too
 
@@ -189,60 +192,29 @@ class FlowModel(EditModel):
 
         super().__init__(pipe, num_steps, prompt)
         self.embedded_guidance = embedded_guidance
-        self.flux = self.family == "flux"
+        self.hooks = self.declaration.image_pipeline
         # T5 tokens: the pipelines' defaults, or what a built-in model was trained with (shapes-dit: 24)
-        self.text_length = call_options(pipe).get("max_sequence_length", 512 if self.flux else 256)
+        self.text_length = call_options(pipe).get("max_sequence_length", self.hooks.text_length)
 
     @property
     def multiple(self) -> int:
-        patch = 2 if self.flux else self.denoiser.config.patch_size  # FLUX packs 2x2 latents into a token
-        return self.pipe.vae_scale_factor * patch
+        return self.hooks.size(self.pipe)[0]
 
     @property
     def native(self) -> int:
-        sample = getattr(self.pipe, "default_sample_size", None) if self.flux else self.denoiser.config.sample_size
-        return int(sample or 128) * self.pipe.vae_scale_factor
+        return self.hooks.size(self.pipe)[1]
 
     def _make_run(self, padded: tuple[int, int]) -> Run:
-        import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         h, w = (s // self.pipe.vae_scale_factor for s in padded)
-        if self.flux:
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            c = scheduler.config
-            mu = calculate_shift(h * w // 4, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / self.num_steps, self.num_steps), mu=mu, device="cpu")
-            emb, pooled, text_ids = self.pipe.encode_prompt(prompt=self.prompt, prompt_2=None, device=self.device,
-                                                            max_sequence_length=self.text_length)
-            ids = self.pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, emb.dtype)
-            cond = (emb, pooled, text_ids, ids)
-        else:
-            scheduler.set_timesteps(self.num_steps, device="cpu")
-            emb, _, pooled, _ = self.pipe.encode_prompt(prompt=self.prompt, prompt_2=None, prompt_3=None,
-                                                        device=self.device, do_classifier_free_guidance=False,
-                                                        max_sequence_length=self.text_length)
-            cond = (emb, pooled)
+        cond = self.hooks.flow_run(self, scheduler, h, w)
         return Run(cond, scheduler.timesteps.float(), scheduler.sigmas.float())
 
     def predict(self, run: Run, z: torch.Tensor, i: int) -> torch.Tensor:
-        rows, model = z.shape[0], self.denoiser
-        t = run.timesteps[i].to(self.device).expand(rows)
-        if not self.flux:
-            emb, pooled = run.cond
-            out = model(hidden_states=z.to(model.dtype), timestep=t, encoder_hidden_states=emb.expand(rows, -1, -1),
-                        pooled_projections=pooled.expand(rows, -1)).sample
-            return out.to(z.dtype)
-        emb, pooled, text_ids, ids = run.cond
-        b, c, h, w = z.shape
-        packed = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        guidance = torch.full((rows,), self.embedded_guidance, device=self.device) if model.config.guidance_embeds else None
-        out = model(hidden_states=packed.to(model.dtype), timestep=t / 1000, guidance=guidance, txt_ids=text_ids,
-                    img_ids=ids, encoder_hidden_states=emb.expand(rows, -1, -1), pooled_projections=pooled.expand(rows, -1)).sample
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).to(z.dtype)
+        t = run.timesteps[i].to(self.device).expand(z.shape[0])
+        return self.hooks.flow_predict(self, run.cond, z, t)
 
     def step(self, run: Run, z: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
         return z + (run.sigmas[i + 1] - run.sigmas[i]) * out
@@ -260,12 +232,13 @@ def edit_model(pipe: Any, num_steps: int, prompt: str = "", embedded_guidance: f
     denoiser = getattr(pipe, "transformer", None) if denoiser is None else denoiser
     if denoiser is None or getattr(pipe, "vae", None) is None:
         raise ValueError(f"DesignEditor needs a pipeline with a unet or transformer and a vae, got {type(pipe).__name__}")
-    family = detect_family(denoiser).name
-    if family not in FAMILIES:
+    family = detect_family(denoiser)
+    hooks = family.image_pipeline
+    if hooks is None or (hooks.sampler == "flow" and hooks.flow_run is None):
         raise ValueError(
             f"DesignEditor supports Stable Diffusion 1.x/2.x/XL (unet), SD3/SD3.5 (sd3) and FLUX.1 (flux) pipelines; "
-            f"{type(pipe).__name__} is a {family} pipeline"
+            f"{type(pipe).__name__} is a {family.name} pipeline"
         )
-    if family == "unet":
+    if hooks.sampler == "ddim":
         return DDIMModel(pipe, num_steps, prompt)
     return FlowModel(pipe, num_steps, prompt, embedded_guidance)

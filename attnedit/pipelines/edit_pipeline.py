@@ -41,15 +41,14 @@ from diffusers import DiffusionPipeline
 from attnedit.core.attention import BACKENDS
 from attnedit.core.checks import as_mask, is_int
 from attnedit.core.edits import Edit, KeyMask, mask_coverage
-from attnedit.families import detect_family, get_family
 from attnedit.core.install import install
+from attnedit.families import detect_family, get_family
 from attnedit.methods.head_guidance import perturbed_guidance
 from attnedit.methods.radial import RadialAttention
 from attnedit.methods.refocusing import Layout, RefocusConfig
 from attnedit.models.zoo import denoiser
 from attnedit.pipelines.radial import check_overrides, default_preset
-from attnedit.pipelines.refocusing import SUPPORTED as REFOCUS_FAMILIES
-from attnedit.pipelines.refocusing import refocus
+from attnedit.pipelines.refocusing import refocus, refocus_hooks
 
 __all__ = ["OPTIONS", "AttnEditPipeline", "edit_pipeline_class"]
 
@@ -287,7 +286,7 @@ def _check_options(pipe: Any, options: dict[str, Any], family: str) -> None:
         return
     if not isinstance(layout, Layout):
         raise ValueError(f"layout={layout!r} must be an attnedit.methods.refocusing.Layout")  # noqa: TRY004
-    if family not in REFOCUS_FAMILIES:
+    if refocus_hooks(get_family(family)) is None:
         raise ValueError(f"layout= (attention refocusing) supports SD 1.x, SDXL, SD3 and FLUX.1 text-to-image "
                          f"pipelines; {type(pipe).__name__} is {family}")
     config = options["refocus_config"]

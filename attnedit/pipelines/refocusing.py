@@ -30,16 +30,16 @@ inside an existing installation, e.g. ``with perturbed_guidance(pipe, ...) as h:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from attnedit.core.edits import Edit
+from attnedit.core.families import Family
+from attnedit.core.family_hooks import ImagePipelineHooks
 from attnedit.core.install import Installation, install
 from attnedit.methods.refocusing import (
     PLAIN_LOSS_SCALE,
@@ -53,45 +53,24 @@ from attnedit.methods.refocusing import (
 from attnedit.pipelines import refocusing_gligen as gligen
 from attnedit.pipelines.refocusing_maps import PAPER_GRID, _recorders, map_layers  # noqa: F401  (re-exported)
 
-SUPPORTED = ("unet", "sd3", "flux")
 
-
-def _default(pipe: Any, name: str) -> Any:
-    """The default of ``pipe.__call__``'s argument ``name``."""
-    return inspect.signature(type(pipe).__call__).parameters[name].default
+def refocus_hooks(family: Family) -> ImagePipelineHooks | None:
+    """The family's image-pipeline hooks if refocusing can drive its pipelines (a conditioner is declared)."""
+    hooks = family.image_pipeline
+    return hooks if hooks is not None and hooks.conditioner is not None else None
 
 
 def _conditioner(pipe: Any, family: str, prompt: str, size: tuple[int, int], max_sequence_length: int,
                  guidance_scale: float | None = None) -> Any:
-    """forward(x, t): the conditional denoiser call of the pipeline, batch 1 (FLUX: on packed latents)."""
-    device = pipe._execution_device
-    if family == "flux":
-        emb, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
-                                                   max_sequence_length=max_sequence_length)
-        vsf = pipe.vae_scale_factor
-        h, w = (2 * (int(n) // (vsf * 2)) for n in size)
-        image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, emb.dtype)
-        guidance = None
-        if pipe.transformer.config.guidance_embeds:
-            scale = _default(pipe, "guidance_scale") if guidance_scale is None else guidance_scale
-            guidance = torch.full([1], float(scale), device=device, dtype=torch.float32)
-        return lambda x, t: pipe.transformer(
-            hidden_states=x, timestep=t.expand(1).to(x.dtype) / 1000, guidance=guidance, pooled_projections=pooled,
-            encoder_hidden_states=emb, txt_ids=text_ids, img_ids=image_ids, return_dict=False)
-    if family == "sd3":
-        emb, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
-                                               do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-        return lambda x, t: pipe.transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=emb,
-                                             pooled_projections=pooled, return_dict=False)
-    scale = pipe.scheduler.scale_model_input
-    if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x / 2.x
-        emb = pipe.encode_prompt(prompt, device, 1, False)[0]
-        return lambda x, t: pipe.unet(scale(x, t), t, encoder_hidden_states=emb, return_dict=False)
-    emb, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=device, do_classifier_free_guidance=False)
-    ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=emb.dtype,
-                                 text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim).to(device)
-    extra = {"text_embeds": pooled, "time_ids": ids}
-    return lambda x, t: pipe.unet(scale(x, t), t, encoder_hidden_states=emb, added_cond_kwargs=extra, return_dict=False)
+    """forward(x, t): the conditional denoiser call of the pipeline, batch 1 (the family's conditioner hook)."""
+    return _hooks(family).conditioner(pipe, prompt, size, max_sequence_length, guidance_scale)
+
+
+def _hooks(family: str | ImagePipelineHooks) -> ImagePipelineHooks:
+    """The image-pipeline hooks of a family given by name (benchmarks, tests) or the hooks themselves."""
+    from attnedit.families import get_family
+
+    return get_family(family).image_pipeline if isinstance(family, str) else family
 
 
 # per model: {latent shape: {site: grid}} from one probing forward (the grids depend on the architecture only)
@@ -176,7 +155,7 @@ class _Refocuser:
         models = handle.models
         base, model, state = handle.edits, models[0], handle.state
         wanted = self.config.gradient_checkpointing
-        wanted = handle.family.name == "flux" if wanted is None else wanted
+        wanted = handle.family.image_pipeline.gradient_checkpointing if wanted is None else wanted
         checkpointing = wanted and not model.is_gradient_checkpointing
         saved = (state.step, state.pass_index, state.last_t, state.direction)
         frozen = [p for m in models for p in m.parameters() if p.requires_grad]
@@ -209,14 +188,8 @@ class _Refocuser:
         return x.to(latents.dtype)
 
 
-def _size(pipe: Any, family: str, height: int | None, width: int | None) -> tuple[int, int]:
-    vsf = pipe.vae_scale_factor
-    if family == "sd3":
-        multiple, default = vsf * pipe.transformer.config.patch_size, pipe.default_sample_size * vsf
-    elif family == "flux":  # 2x2 latent packing
-        multiple, default = vsf * 2, pipe.default_sample_size * vsf
-    else:
-        multiple, default = vsf, pipe.unet.config.sample_size * vsf
+def _size(pipe: Any, hooks: str | ImagePipelineHooks, height: int | None, width: int | None) -> tuple[int, int]:
+    multiple, default = _hooks(hooks).size(pipe)
     size = (default if height is None else height, default if width is None else width)
     for name, value in zip(("height", "width"), size):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
@@ -224,43 +197,24 @@ def _size(pipe: Any, family: str, height: int | None, width: int | None) -> tupl
     return size
 
 
-def _timesteps(pipe: Any, family: str, steps: int, latent: torch.Tensor, sigmas: Any = None) -> torch.Tensor:
+def _timesteps(pipe: Any, hooks: str | ImagePipelineHooks, steps: int, latent: torch.Tensor,
+               sigmas: Any = None) -> torch.Tensor:
     """The timesteps the pipeline will use (it sets them again itself, identically)."""
-    extra = {}
-    config = pipe.scheduler.config
-    if family == "flux":
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-        sigmas = np.linspace(1.0, 1 / steps, steps) if sigmas is None else sigmas
-        if config.get("use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(latent.shape[1], config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, latent.device, sigmas=sigmas, mu=mu)
-        return timesteps
-    if family == "sd3" and config.get("use_dynamic_shifting", None):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        p = pipe.transformer.config.patch_size
-        n = (latent.shape[-2] // p) * (latent.shape[-1] // p)
-        extra["mu"] = calculate_shift(n, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                      config.get("base_shift", 0.5), config.get("max_shift", 1.16))
-    pipe.scheduler.set_timesteps(steps, device=latent.device, **extra)
+    hooks = _hooks(hooks)
+    if hooks.timesteps is not None:
+        return hooks.timesteps(pipe, steps, latent, sigmas)
+    pipe.scheduler.set_timesteps(steps, device=latent.device)
     return pipe.scheduler.timesteps
 
 
-def _initial_noise(pipe: Any, family: str, model: torch.nn.Module, size: tuple[int, int],
+def _initial_noise(pipe: Any, hooks: str | ImagePipelineHooks, model: torch.nn.Module, size: tuple[int, int],
                    generator: torch.Generator | None) -> torch.Tensor:
-    """The noise the pipeline would draw itself (FLUX: packed (1, h/2 * w/2, 4 C), as its ``latents=`` expects)."""
-    device = pipe._execution_device
-    if family == "flux":
-        encoder = getattr(pipe, "text_encoder_2", None)
-        dtype = encoder.dtype if encoder is not None else model.dtype  # the dtype of FLUX's prompt embeddings
-        noise, _ = pipe.prepare_latents(1, model.config.in_channels // 4, size[0], size[1], dtype, device, generator)
-        return noise
+    """The noise the pipeline would draw itself (packed where the family's pipeline packs latents)."""
+    hooks = _hooks(hooks)
+    if hooks.noise is not None:
+        return hooks.noise(pipe, model, size, generator)
     shape = (1, model.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
-    return randn_tensor(shape, generator=generator, device=device, dtype=model.dtype)
+    return randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=model.dtype)
 
 
 def _refocus_next(refocuser: _Refocuser, pipe: Any) -> Any:
@@ -290,21 +244,24 @@ def _step_callback(refocuser: _Refocuser, user: Any) -> Any:
     return on_step_end
 
 
-def _check_call(pipe: Any, layout: Any, handle: Installation | None, kwargs: dict) -> str:
+def _check_call(pipe: Any, layout: Any, handle: Installation | None, kwargs: dict) -> ImagePipelineHooks:
     from attnedit.families import detect_family
     from attnedit.models.zoo import denoiser
 
     if not isinstance(layout, Layout):
         raise ValueError(  # noqa: TRY004 - the project's rule: bad inputs raise ValueError
             f"layout={layout!r} must be a Layout (Layout(prompt, regions) or Layout.from_json(path))")
-    family = detect_family(denoiser(pipe)).name
+    family = detect_family(denoiser(pipe))
+    hooks = refocus_hooks(family)
     if any(c.__name__.startswith("StableDiffusionGLIGEN") for c in type(pipe).__mro__) and not gligen.is_gligen(pipe):
         raise ValueError(f"refocusing on GLIGEN supports StableDiffusionGLIGENPipeline (text boxes); got "
                          f"{type(pipe).__name__}")
-    if family not in SUPPORTED:
-        raise ValueError(f"refocusing supports SD 1.x, SDXL, SD3 and FLUX.1 pipelines; {type(pipe).__name__} is {family}")
-    if family == "flux" and not any(c.__name__ == "FluxPipeline" for c in type(pipe).__mro__):
-        raise ValueError(f"refocusing on FLUX supports FluxPipeline (text to image); got {type(pipe).__name__}")
+    if hooks is None:
+        raise ValueError(f"refocusing supports SD 1.x, SDXL, SD3 and FLUX.1 pipelines; {type(pipe).__name__} is "
+                         f"{family.name}")
+    if hooks.pipelines and not any(c.__name__ in hooks.pipelines for c in type(pipe).__mro__):
+        raise ValueError(f"refocusing on {family.name.upper()} supports {', '.join(hooks.pipelines)} (text to image); got "
+                         f"{type(pipe).__name__}")
     for name in ("prompt", "prompt_2", "prompt_3", "latents", "prompt_embeds"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}= is set by refocus(); put the prompt in the layout")
@@ -312,7 +269,7 @@ def _check_call(pipe: Any, layout: Any, handle: Installation | None, kwargs: dic
         raise ValueError(f"num_images_per_prompt={kwargs['num_images_per_prompt']}; refocus() makes one image per call")
     if handle is not None and handle.pipeline is not pipe:
         raise ValueError("handle= must be an installation on this pipeline (install(pipe, ...))")
-    return family
+    return hooks
 
 
 def refocus(
@@ -334,7 +291,7 @@ def refocus(
     >>> image = refocus(pipe, layout, generator=torch.Generator().manual_seed(0)).images[0]  # doctest: +SKIP
     """
     config = config or RefocusConfig()
-    family = _check_call(pipe, layout, handle, kwargs)
+    hooks = _check_call(pipe, layout, handle, kwargs)
     is_gligen = gligen.is_gligen(pipe)
     if is_gligen:
         if callback_on_step_end is not None:
@@ -344,8 +301,8 @@ def refocus(
         config = dataclasses.replace(config, loss_scale=1.0 if is_gligen else PLAIN_LOSS_SCALE)
     layout = layout.with_phrases_in_prompt() if append_missing else layout
     tokens = token_layout(pipe, layout, max_sequence_length)
-    size = _size(pipe, family, height, width)
-    if family in ("sd3", "flux"):
+    size = _size(pipe, hooks, height, width)
+    if hooks.text_length:
         kwargs["max_sequence_length"] = max_sequence_length
     with ExitStack() as stack:
         installed = handle is None
@@ -357,13 +314,13 @@ def refocus(
             stack.callback(setattr, handle, "edits", base)
         handle.new_run()
         model = handle.models[0]
-        noise = _initial_noise(pipe, family, model, size, generator)
-        timesteps = _timesteps(pipe, family, num_inference_steps, noise, kwargs.get("sigmas"))
+        noise = _initial_noise(pipe, hooks, model, size, generator)
+        timesteps = _timesteps(pipe, hooks, num_inference_steps, noise, kwargs.get("sigmas"))
         if is_gligen:
             forward = gligen.conditioner(pipe, layout.prompt, kwargs)
             prepare = gligen.fuser_schedule(pipe, kwargs, len(timesteps))
         else:
-            forward = _conditioner(pipe, family, layout.prompt, size, max_sequence_length, kwargs.get("guidance_scale"))
+            forward = hooks.conditioner(pipe, layout.prompt, size, max_sequence_length, kwargs.get("guidance_scale"))
             prepare = None
         sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
         x = noise * sigma

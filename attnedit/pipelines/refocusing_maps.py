@@ -61,7 +61,7 @@ def map_layers(handle: Installation, forward: Any, x: torch.Tensor, t: torch.Ten
     SDXL; else the grid nearest to 16x16 of at least 8x8), found by one probing forward ``forward(x, t)``; SD3:
     every joint block; FLUX: the double-stream blocks (and the single-stream ones with ``config.single_stream``).
     """
-    if handle.family.name in ("sd3", "flux"):
+    if handle.family.text_kind == "joint":  # MM-DiTs: text and image keys in one joint call
         if config.layers is not None:
             return "joint", "joint", config.layers, config.layers
         sites = [s for s in handle.sites if s.kind == "joint" and (config.single_stream or s.stream != "single")]

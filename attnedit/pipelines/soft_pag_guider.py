@@ -197,7 +197,7 @@ class SoftPAGGuidance(BaseGuidance):
             edit = soft_pag(model, self.heads, self.strength, target=self.target, scope=self.scope,
                             branches=frozenset({"perturbed"}))
             with install(model) as probe:
-                share = self.share_prefix and probe.family.name != "unet"
+                share = self.share_prefix and probe.family.share_prefix
                 prefix = _prefix_blocks(probe, edit) if share else []
             self._resolved = (weakref.ref(model), edit, prefix)
         return self._resolved[1]

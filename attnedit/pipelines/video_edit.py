@@ -136,10 +136,10 @@ class VideoEditor:
         self.model: VideoModel = video_model(pipe, c.num_steps, prompt=c.prompt, embedded_guidance=c.embedded_guidance,
                                              text_length=c.text_length, prompt_template=c.prompt_template)
         self.pipe = pipe
-        if self.model.family == "hunyuan_video" and c.guidance_scale != 1.0:
+        if self.model.hooks.distilled and c.guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={c.guidance_scale}: HunyuanVideo is guidance-distilled and runs one pass; "
                              "leave guidance_scale at 1 and set embedded_guidance")
-        if c.embedded_guidance != 1.0 and self.model.family != "hunyuan_video":
+        if c.embedded_guidance != 1.0 and not self.model.hooks.distilled:
             raise ValueError(f"embedded_guidance={c.embedded_guidance} is only read by HunyuanVideo")
         self.radial = self._radial(c.radial)
 

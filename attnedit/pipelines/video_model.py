@@ -12,48 +12,35 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from attnedit.families import detect_family
 from attnedit.pipelines.design_inversion import EditModel, Run
 
-FAMILIES = ("wan", "hunyuan_video")
-
 
 class VideoModel(EditModel):
-    """Wan 2.x or HunyuanVideo: conditioning, VAE, one velocity call, Euler step and its inverse."""
+    """A video family (Wan 2.x, HunyuanVideo): conditioning, VAE, one velocity call, Euler step and its inverse.
+
+    What differs per family comes from its video-pipeline hooks (:class:`attnedit.core.family_hooks.VideoPipelineHooks`).
+    """
 
     def __init__(self, pipe: Any, num_steps: int, prompt: str = "", embedded_guidance: float = 1.0,
                  text_length: int | None = None, prompt_template: dict | None = None) -> None:
         super().__init__(pipe, num_steps, prompt)
-        self.kinds = frozenset({"self"}) if self.family == "wan" else frozenset({"joint"})
+        self.hooks = self.declaration.video_pipeline
+        self.kinds = self.hooks.kinds
         self.embedded_guidance = embedded_guidance
-        self.prompt_template = prompt_template if prompt_template is not None or self.family == "wan" else self._template()
+        template = self.hooks.prompt_template
+        self.prompt_template = prompt_template if prompt_template is not None or template is None else template(pipe)
         from attnedit.shapes.builtin import call_options
 
-        default = 512 if self.family == "wan" else 256
-        self.text_length = text_length or call_options(pipe).get("max_sequence_length", default)
-
-    def _template(self) -> dict | None:
-        """None (the pipeline's own) unless its tokenizer cannot even hold the stock template's system prompt
-        (the tiny zoo's word tokenizer): then the zoo's short template."""
-        import inspect
-
-        stock = inspect.signature(self.pipe.encode_prompt).parameters["prompt_template"].default
-        tokens = len(self.pipe.tokenizer(stock["template"].format(""))["input_ids"])
-        if tokens > stock["crop_start"]:
-            return None
-        from attnedit.models.zoo import HUNYUAN_PROMPT_TEMPLATE
-
-        return HUNYUAN_PROMPT_TEMPLATE
+        self.text_length = text_length or call_options(pipe).get("max_sequence_length", self.hooks.text_length)
 
     # -- geometry ---------------------------------------------------------------------------------------------
     @property
     def patch(self) -> tuple[int, int, int]:
         """(frames, height, width) latents per token."""
-        c = self.denoiser.config
-        return tuple(c.patch_size) if self.family == "wan" else (c.patch_size_t, c.patch_size, c.patch_size)
+        return self.hooks.patch(self.denoiser.config)
 
     @property
     def temporal(self) -> int:
@@ -77,12 +64,7 @@ class VideoModel(EditModel):
     # -- VAE ------------------------------------------------------------------------------------------------
     def _norm(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(shift, scale): model latent = (vae latent - shift) * scale."""
-        c = self.pipe.vae.config
-        if self.family == "hunyuan_video":
-            return 0.0, float(c.scaling_factor)
-        view = (1, -1, 1, 1, 1)
-        mean = torch.tensor(c.latents_mean, dtype=like.dtype, device=like.device).view(view)
-        return mean, 1.0 / torch.tensor(c.latents_std, dtype=like.dtype, device=like.device).view(view)
+        return self.hooks.norm(self.pipe.vae.config, like)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,17 +89,7 @@ class VideoModel(EditModel):
         shift = config.get("shift") if "shift" in config else config.get("flow_shift", 1.0)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000),
                                                     shift=float(shift or 1.0))
-        if self.family == "wan":
-            scheduler.set_timesteps(self.num_steps, device="cpu")
-            emb = self.pipe.encode_prompt(prompt=self.prompt, do_classifier_free_guidance=False,
-                                          max_sequence_length=self.text_length, device=self.device)[0]
-            cond = (emb,)
-        else:
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, self.num_steps + 1)[:-1], device="cpu")
-            options = {} if self.prompt_template is None else {"prompt_template": self.prompt_template}
-            emb, pooled, mask = self.pipe.encode_prompt(prompt=self.prompt, prompt_2=None, device=self.device,
-                                                        max_sequence_length=self.text_length, **options)
-            cond = (emb, pooled, mask)
+        cond = self.hooks.run(self, scheduler)
         return Run(cond, scheduler.timesteps.float(), scheduler.sigmas.float())
 
     def _denoiser_at(self, t: float) -> torch.nn.Module:
@@ -133,17 +105,7 @@ class VideoModel(EditModel):
         rows, t = z.shape[0], run.timesteps[i]
         model = self._denoiser_at(float(t))
         ts = t.to(self.device).expand(rows)
-        if self.family == "wan":
-            (emb,) = run.cond
-            out = model(hidden_states=z.to(model.dtype), timestep=ts, encoder_hidden_states=emb.expand(rows, -1, -1),
-                        return_dict=False)[0]
-            return out.to(z.dtype)
-        emb, pooled, mask = run.cond
-        guidance = torch.full((rows,), self.embedded_guidance * 1000.0, device=self.device, dtype=model.dtype)
-        out = model(hidden_states=z.to(model.dtype), timestep=ts, encoder_hidden_states=emb.expand(rows, -1, -1),
-                    encoder_attention_mask=mask.expand(rows, -1), pooled_projections=pooled.expand(rows, -1),
-                    guidance=guidance, return_dict=False)[0]
-        return out.to(z.dtype)
+        return self.hooks.predict(self, model, z, ts, run.cond)
 
     def step(self, run: Run, z: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
         return z + (run.sigmas[i + 1] - run.sigmas[i]) * out
@@ -158,10 +120,14 @@ def video_model(pipe: Any, num_steps: int, **options: Any) -> VideoModel:
     if denoiser is None or getattr(pipe, "vae", None) is None:
         raise ValueError(f"VideoEditor needs a Wan or HunyuanVideo pipeline (transformer and vae); got {type(pipe).__name__}")
     try:
-        family = detect_family(denoiser).name
+        family = detect_family(denoiser)
     except ValueError as error:
         raise ValueError(f"VideoEditor needs a Wan or HunyuanVideo pipeline: {error}") from None
-    if family not in FAMILIES:
-        raise ValueError(f"VideoEditor supports video models ({', '.join(FAMILIES)}); {type(pipe).__name__} is a "
-                         f"{family} (image) pipeline: use DesignEditor for images")
+    if family.video_pipeline is None:
+        from attnedit.families import MODULES
+
+        supported = ", ".join(m.FAMILY.name for m in MODULES if m.FAMILY.video_pipeline is not None)
+        kind = "video" if family.video else "image"
+        raise ValueError(f"VideoEditor supports video models ({supported}); {type(pipe).__name__} is a "
+                         f"{family.name} ({kind}) pipeline" + ("" if family.video else ": use DesignEditor for images"))
     return VideoModel(pipe, num_steps, **options)
