@@ -296,6 +296,9 @@ def _cache_key() -> str:
     """Changes whenever the zoo's files or the library versions change, so stale tiny checkpoints are never reused."""
     digest = hashlib.sha256(pathlib.Path(__file__).read_bytes())
     digest.update(pathlib.Path(__file__).with_name("zoo_text.py").read_bytes())
+    for module in MODULES:  # the family modules' own tiny builders (TINY)
+        if getattr(module, "TINY", None):
+            digest.update(pathlib.Path(module.__file__).read_bytes())
     digest.update(f"{diffusers.__version__}/{transformers.__version__}/{torch.__version__}".encode())
     return digest.hexdigest()[:12]
 
