@@ -27,7 +27,7 @@ NAMES = list(ARCHITECTURES)
 SITE_COUNTS = {
     "sd15": {"self": 16, "cross": 16}, "sdxl-base": {"self": 70, "cross": 70},
     "sd3-medium": {"joint": 24}, "sd3.5-medium": {"joint": 24, "self": 13}, "flux1-dev": {"joint": 19 + 38},
-    "flux1-kontext-dev": {"joint": 19 + 38},
+    "flux1-kontext-dev": {"joint": 19 + 38}, "z-image-turbo": {"self": 2, "joint": 30},
     "wan2.1-t2v-1.3b": {"self": 30, "cross": 30}, "wan2.1-i2v-14b-480p": {"self": 40, "cross": 40},
     "wan2.2-t2v-a14b": {"self": 40, "cross": 40}, "wan2.2-ti2v-5b": {"self": 30, "cross": 30},
     "hunyuan-video": {"joint": 20 + 40}, "hunyuan-video-1.5-480p-t2v": {"joint": 54},
@@ -37,7 +37,7 @@ SITE_COUNTS = {
 HEAD_LAYOUT = {  # (heads, head dims) of every site
     "sd15": ({8}, {40, 80, 160}), "sdxl-base": ({10, 20}, {64}), "sd3-medium": ({24}, {64}),
     "sd3.5-medium": ({24}, {64}), "flux1-dev": ({24}, {128}), "wan2.1-t2v-1.3b": ({12}, {128}),
-    "flux1-kontext-dev": ({24}, {128}),
+    "flux1-kontext-dev": ({24}, {128}), "z-image-turbo": ({30}, {128}),
     "wan2.1-i2v-14b-480p": ({40}, {128}), "wan2.2-t2v-a14b": ({40}, {128}), "wan2.2-ti2v-5b": ({24}, {128}),
     "hunyuan-video": ({24}, {128}), "hunyuan-video-1.5-480p-t2v": ({16}, {128}),
     "flux2-dev": ({48}, {128}), "flux2-klein-4b": ({24}, {128}), "flux2-klein-9b": ({32}, {128}),
@@ -50,6 +50,8 @@ TOO_LARGE_TO_RUN = {"flux2-dev": "2.3 B parameters at 1+1 blocks (6144 wide, 153
 # Attention modules that are deliberately not sites: HunyuanVideo's token refiner attends over text only.
 NOT_SITES = {name: {f"context_embedder.token_refiner.refiner_blocks.{i}.attn" for i in range(2)}
              for name in ("hunyuan-video", "hunyuan-video-1.5-480p-t2v")}
+# Z-Image's context refiners attend over the caption alone
+NOT_SITES["z-image-turbo"] = {f"context_refiner.{i}.attention" for i in range(2)}
 
 
 # ------------------------------------------------------------------------------------------- full depth, meta
@@ -171,24 +173,30 @@ def reduced(request):
     model = arch.build("reduced")
     inputs = arch.inputs(model)
     with torch.no_grad():
-        stock = model(**inputs, return_dict=False)[0]
+        stock = _rows(model(**inputs, return_dict=False)[0])
     yield arch, model, inputs, stock
     del model, inputs, stock
     gc.collect()
 
 
+def _rows(sample):
+    """The output as one tensor (Z-Image returns a list of per-row samples)."""
+    return torch.stack(sample) if isinstance(sample, list) else sample
+
+
 def _run(model, inputs, *edits, backend="auto"):
     with torch.no_grad(), install(model, *edits, backend=backend):
-        return model(**inputs, return_dict=False)[0]
+        return _rows(model(**inputs, return_dict=False)[0])
 
 
 def _image_mask(arch, model, inputs) -> torch.Tensor:
     """A box over the top-left quarter of the image, at the latent resolution."""
-    latent = inputs["sample"] if "sample" in inputs else inputs["hidden_states"]
+    latent = inputs["sample"] if "sample" in inputs else inputs[detect_family(model).latent_key]
     if "img_ids" in inputs:  # packed latents (FLUX.1, FLUX.2): the grid from the ids' (row, column)
         ids = inputs["img_ids"].reshape(-1, inputs["img_ids"].shape[-1])
         h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    elif latent.ndim == 3:  # other packed latents (Qwen-Image): the target image's grid, as the family reads it
+    elif isinstance(latent, list) or latent.ndim == 3:  # other packed latents (Qwen-Image, Z-Image): the target
+        # image's grid, as the family reads it
         h, w = detect_family(model).forward_info(model, (), inputs).grid[-2:]
     else:
         h, w = latent.shape[-2:]
@@ -243,7 +251,7 @@ def test_soft_pag_guidance_equals_its_formula(reduced):
     perturbed = _run(model, inputs, HeadBlend(strength=1.0, heads={0: (0, 1)}, kinds=frozenset({kind})))
     assert not torch.allclose(perturbed, stock)
     with torch.no_grad(), perturbed_guidance(model, heads="L0H0,L0H1", scale=2.0, cfg_scale=1.0):
-        guided = model(**inputs, return_dict=False)[0]
+        guided = _rows(model(**inputs, return_dict=False)[0])
     expected = stock + 2.0 * (stock - perturbed)
     torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 

@@ -141,3 +141,13 @@ def test_cli_generate_writes_the_png(tmp_path):
     assert main(["generate", "a red cat", "--model", "tiny:flux2_klein", "--steps", "2", "--width", "64",
                  "--height", "64", "--out", str(out)]) == 0
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_one_flat_joint_index_over_double_then_single_blocks():
+    from attnedit.models.architectures import ARCHITECTURES
+
+    with install(ARCHITECTURES["flux2-klein-4b"].build("full", device="meta")) as handle:
+        joint = {s.layer: (s.name, s.stream) for s in handle.sites}
+    assert joint[4] == ("transformer_blocks.4.attn", "double")
+    assert joint[5] == ("single_transformer_blocks.0.attn", "single")
+    assert joint[24] == ("single_transformer_blocks.19.attn", "single") and len(joint) == 25

@@ -113,6 +113,7 @@ class ContextParallel:
 # forward order of the module-path parts families use: down < mid < up, double stream < single stream
 FORWARD_RANK: Mapping[str, int] = {
     "down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1,
+    "noise_refiner": -1,  # Z-Image: the image's refiner blocks run before the joint layers
 }
 
 LayoutFn = Callable[[ProcessorCall, "ForwardInfo | None", int, int], "TokenLayout | None"]
@@ -164,7 +165,7 @@ class Family:
 
     def timestep(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> float:
         """The call's timestep as a float (the largest, for per-token timesteps); cheap, runs every forward."""
-        timestep = kwargs.get("timestep")
+        timestep = kwargs.get("timestep", kwargs.get("t"))
         if timestep is None:
             position = _timestep_position(model)
             timestep = args[position] if position is not None and position < len(args) else None
@@ -177,7 +178,8 @@ class Family:
         text = bound.get("encoder_hidden_states")
         text_tokens = text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else 0
         extra = self.extra_info(model, bound) if self.extra_info is not None else {}
-        return ForwardInfo(t, self.token_grid(model, latent, bound), latent.shape[0], text_tokens, extra)
+        batch = len(latent) if isinstance(latent, (list, tuple)) else latent.shape[0]  # Z-Image: a list of rows
+        return ForwardInfo(t, self.token_grid(model, latent, bound), batch, text_tokens, extra)
 
     def token_grid(self, model: torch.nn.Module, latent: torch.Tensor, bound: dict) -> tuple[int, ...]:
         if self.read_grid is None:
@@ -204,7 +206,8 @@ def _signature(model: torch.nn.Module) -> inspect.Signature:
 
 def _timestep_position(model: torch.nn.Module) -> int | None:
     names = list(_signature(model).parameters)
-    return names.index("timestep") if "timestep" in names else None
+    name = "timestep" if "timestep" in names else "t"  # Z-Image names it t
+    return names.index(name) if name in names else None
 
 
 def patch_grid(model: torch.nn.Module, latent: torch.Tensor, bound: dict) -> tuple[int, ...]:

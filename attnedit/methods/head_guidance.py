@@ -232,15 +232,27 @@ def _map_tensors(obj: Any, fn) -> Any:
 
 
 def _take_rows(obj: Any, index: torch.Tensor, batch: int) -> Any:
-    """Re-index the batch axis of every tensor with ``batch`` rows (other tensors, e.g. rotary tables, pass)."""
+    """Re-index the batch axis of every tensor with ``batch`` rows (other tensors, e.g. rotary tables, pass).
+
+    A list of ``batch`` tensors is a batch of rows itself (Z-Image's latents and captions): its items are re-indexed.
+    """
+    if isinstance(obj, list) and len(obj) == batch and all(torch.is_tensor(o) for o in obj):
+        return [obj[i] for i in index.tolist()]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take_rows(o, index, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, index, batch) for k, v in obj.items()}
     return _map_tensors(obj, lambda t: t.index_select(0, index.to(t.device)) if t.ndim and t.shape[0] == batch else t)
 
 
 def _sample(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out.sample
+    sample = out[0] if isinstance(out, tuple) else out.sample
+    return torch.stack(sample) if isinstance(sample, list) else sample  # Z-Image: a list of equal-size rows
 
 
 def _with_sample(out: Any, sample: torch.Tensor) -> Any:
+    if isinstance(out[0] if isinstance(out, tuple) else out.sample, list):
+        sample = list(sample.unbind(0))
     return (sample, *out[1:]) if isinstance(out, tuple) else type(out)(sample=sample)
 
 
@@ -317,7 +329,8 @@ class _GuidanceHook(ModelHook):
 
 def _batch_size(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
     latent = kwargs.get("hidden_states", kwargs.get("sample"))
-    return (latent if latent is not None else args[0]).shape[0]
+    latent = latent if latent is not None else (args[0] if args else kwargs.get("x"))
+    return len(latent) if isinstance(latent, list) else latent.shape[0]
 
 
 def _prefix_blocks(handle: Installation, edit: SoftPAG) -> list[str]:
