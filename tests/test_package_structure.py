@@ -7,6 +7,7 @@ under ``TYPE_CHECKING``: a lazy import hides a cycle from Python but not from a 
 from __future__ import annotations
 
 import ast
+import itertools
 import pathlib
 
 import pytest
@@ -137,3 +138,107 @@ def test_old_flat_import_paths_name_the_same_modules():
     for command in (["-m", "attnedit.cli", "presets"], ["-m", "attnedit", "presets"]):  # old and new entry points
         result = subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "shapes-t2i" in result.stdout, result.stderr
+
+
+# -- no module outside attnedit/families branches on a family's name (issue 27) ---------------------------------
+def _family_names() -> frozenset[str]:
+    from attnedit.families import FAMILIES
+
+    return frozenset(n for f in FAMILIES.values() for n in (f.name, *f.aliases))
+
+
+def _about_family(node: ast.AST) -> bool:
+    """An expression naming a family: a name or attribute containing "famil" (``family``, ``handle.family.name``,
+    ``FAMILIES``)."""
+    return any(("famil" in n.id.lower() if isinstance(n, ast.Name) else "famil" in n.attr.lower())
+               for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute)))
+
+
+def _names_in(node: ast.AST, names: frozenset[str]) -> set[str]:
+    """Family names among a string constant or a tuple / list / set of them."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return {i.value for i in items if isinstance(i, ast.Constant) and i.value in names}
+
+
+def _family_table(node: ast.AST, names: frozenset[str]) -> bool:
+    """A dict literal keyed by family names only (two or more)."""
+    keys = [k.value for k in node.keys if isinstance(k, ast.Constant)] if isinstance(node, ast.Dict) else []
+    return len(keys) >= 2 and len(keys) == len(node.keys) and set(keys) <= names
+
+
+def _family_lists(tree: ast.AST, names: frozenset[str]) -> set[str]:
+    """Names bound to a tuple / list / set of two or more family names (``SUPPORTED = ("sd3", "flux")``)."""
+    return {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+            and isinstance(node.value, (ast.Tuple, ast.List, ast.Set)) and len(node.value.elts) >= 2
+            and len(_names_in(node.value, names)) == len(node.value.elts) for t in node.targets if isinstance(t, ast.Name)}
+
+
+def family_name_branches(source: str, names: frozenset[str], lists: frozenset[str] = frozenset()) -> list[tuple[int, str]]:
+    """(line, why) for each place ``source`` compares a family's name or looks a family's name up in a table;
+    ``lists``: names bound to tuples of family names elsewhere (imported ones)."""
+    tree = ast.parse(source)
+    lists = lists | _family_lists(tree, names)
+    lists |= {a.asname for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)  # `import SUPPORTED as X`
+              for a in node.names if a.asname and a.name in lists}
+    tables = {t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+              and _family_table(node.value, names)
+              for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            for a, b in itertools.pairwise(sides):
+                for this, other in ((a, b), (b, a)):
+                    named = _names_in(other, names)
+                    if named and (_about_family(this) or (isinstance(this, ast.Attribute) and this.attr == "name")):
+                        found.append((node.lineno, f"compares a family to {sorted(named)}"))
+            for op, right in zip(node.ops, node.comparators):
+                bound = right.id if isinstance(right, ast.Name) else right.attr if isinstance(right, ast.Attribute) else ""
+                if isinstance(op, (ast.In, ast.NotIn)) and bound in lists and _about_family(node.left):
+                    found.append((node.lineno, f"looks a family up in {bound}, a tuple of family names"))
+        elif isinstance(node, ast.Subscript) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                                                  and node.func.attr == "get" and node.args):
+            table, key = (node.value, node.slice) if isinstance(node, ast.Subscript) else (node.func.value, node.args[0])
+            if _family_table(table, names) or (isinstance(table, ast.Name) and table.id in tables):
+                if _about_family(key):
+                    found.append((node.lineno, "looks a family up in a table keyed by family names"))
+            elif _names_in(key, names) and _about_family(table):  # FAMILIES["flux"]
+                found.append((node.lineno, f"takes family {sorted(_names_in(key, names))} by name"))
+    return sorted(set(found))
+
+
+def test_the_family_name_checker_finds_planted_branches():
+    names = frozenset({"unet", "flux", "wan", "hunyuan_video", "sd15"})
+    planted = """
+if family == "flux": pass
+if handle.family.name in ("wan", "hunyuan_video"): pass
+if self.model.family != "hunyuan_video": pass
+if f.name == "unet": pass
+x = {"unet": 1, "flux": 2}[family]
+TABLE = {"unet": (7.5, 0.0), "flux": (1.0, 1.0)}
+y = TABLE[self.family]
+z = TABLE.get(family.name)
+w = FAMILIES["flux"].model_class
+SUPPORTED = ("unet", "flux")
+if family not in SUPPORTED: pass
+if family in IMPORTED_FAMILIES: pass
+"""
+    found = family_name_branches(planted, names, frozenset({"IMPORTED_FAMILIES"}))
+    assert [line for line, _ in found] == [2, 3, 4, 5, 6, 8, 9, 10, 12, 13]
+    unrelated = """
+unet = getattr(pipe, "unet", None)
+parts = {"vae": vae, "unet": unet}
+if part == "unet": pass
+presets = {"wan": 1, "wan22": 2}[name]
+if model[5:] in ("wan", "wan22"): pass
+"""
+    assert family_name_branches(unrelated, names) == []
+
+
+def test_no_module_outside_families_branches_on_a_family_name():
+    """Family knowledge lives in the family's declaration (attnedit/families/); the rest asks it, never its name."""
+    names = _family_names()
+    paths = [p for p in sorted(PACKAGE.rglob("*.py")) if not module_name(p).startswith("attnedit.families")]
+    lists = frozenset().union(*(_family_lists(ast.parse(p.read_text()), names) for p in paths))
+    found = [f"{module_name(p)}:{line}: {why}" for p in paths for line, why in family_name_branches(p.read_text(), names, lists)]
+    assert found == [], "\n".join(found)
