@@ -105,12 +105,23 @@ def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
 
 # -- tiny random-weight pipeline (attnedit.models.zoo) ------------------------------------------------------------
 def _build_kontext():
-    """FLUX.1 Kontext on the tiny FLUX components: same denoiser class, reference image tokens appended."""
-    from diffusers import FluxKontextPipeline
+    """FLUX.1 Kontext at the tiny FLUX sizes (attnedit.models.zoo's "flux"): same denoiser class, reference tokens."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
-    from attnedit.models import zoo
+    from attnedit.models.zoo_text import _clip_encoder, _t5_encoder, clip_tokenizer, word_tokenizer
 
-    return FluxKontextPipeline(**zoo.build_pipeline("flux").components)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16 * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(  # vae_scale_factor 8, 8 channels everywhere
+        latent_channels=16, block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4, sample_size=64,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxKontextPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                               text_encoder=_clip_encoder(32), tokenizer=clip_tokenizer(),
+                               text_encoder_2=_t5_encoder(32), tokenizer_2=word_tokenizer("t5"))
 
 
 def _reference_image():

@@ -73,8 +73,8 @@ FAMILY = Family(
 
 # -- published checkpoints (attnedit.models.architectures) ------------------------------------------------------
 PUBLISHED = (
-    dict(name="z-image-turbo", hub_id="Tongyi-MAI/Z-Image-Turbo", pipeline="ZImagePipeline",
-         reduced={"n_layers": 1, "n_refiner_layers": 1}),
+    {"name": "z-image-turbo", "hub_id": "Tongyi-MAI/Z-Image-Turbo", "pipeline": "ZImagePipeline",
+     "reduced": {"n_layers": 1, "n_refiner_layers": 1}},
 )
 
 
@@ -96,10 +96,9 @@ def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
 # -- tiny random-weight pipeline (attnedit.models.zoo) ------------------------------------------------------------
 def _build_tiny():
     """ZImagePipeline with a 2-layer Qwen3 text encoder of width 16 (its second-to-last hidden states are the caption)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from attnedit.models.zoo import _image_vae
     from attnedit.models.zoo_text import word_tokenizer
 
     tokenizer = word_tokenizer("llama")
@@ -111,7 +110,10 @@ def _build_tiny():
         in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
         axes_dims=[4, 6, 6], axes_lens=[256, 64, 64])  # axes sum to the head dim (16)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    vae = _image_vae(4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    vae = AutoencoderKL(  # vae_scale_factor 8 (the pipeline packs 2x2 more: 64 px -> 4x4 tokens)
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4, sample_size=64,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
     return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
                           transformer=transformer)
 
