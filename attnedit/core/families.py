@@ -110,9 +110,10 @@ class ContextParallel:
     refuse: Callable[[torch.nn.Module], str | None] | None = None  # why this model's config cannot be split, if so
 
 
-# forward order of the module-path parts families use: down < mid < up, double stream < single stream
+# forward order of the module-path parts families use: down < mid < up, double stream < single stream; Wan VACE's
+# control blocks all run before the main blocks
 FORWARD_RANK: Mapping[str, int] = {
-    "down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1,
+    "vace_blocks": -1, "down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1,
     "noise_refiner": -1,  # Z-Image: the image's refiner blocks run before the joint layers
 }
 

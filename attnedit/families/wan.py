@@ -53,6 +53,9 @@ PUBLISHED = (
     dict(name="wan2.2-t2v-a14b", hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers", pipeline="WanPipeline",
          reduced={"num_layers": 1}, denoisers=("transformer", "transformer_2"),
          pipeline_config={"boundary_ratio": 0.875, "expand_timesteps": False}),
+    dict(name="wan2.2-i2v-a14b", hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers", pipeline="WanImageToVideoPipeline",
+         reduced={"num_layers": 1}, denoisers=("transformer", "transformer_2"),
+         pipeline_config={"boundary_ratio": 0.9, "expand_timesteps": False}),  # no image encoder: image in latents
     dict(name="wan2.2-ti2v-5b", hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers", pipeline="WanPipeline",
          reduced={"num_layers": 1}, pipeline_config={"boundary_ratio": None, "expand_timesteps": True}),
 )
