@@ -67,3 +67,14 @@ def test_cli_sites_and_generate(tmp_path, capsys):
     out = tmp_path / "z.png"
     assert main(["generate", "a red cat", "--model", "tiny:z_image", "--steps", "2", "--out", str(out)]) == 0
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_cfg_rows_are_cond_then_uncond(pipe):
+    """ZImagePipeline batches [cond, uncond]: no edit stays stock with CFG, the recorder sees the rows in that order."""
+    stock = _call(pipe, guidance_scale=4.0)
+    with install(pipe):
+        assert np.array_equal(_call(pipe, guidance_scale=4.0), stock)
+    recorder = AttentionRecorder()
+    with install(pipe, recorder):
+        _call(pipe, guidance_scale=4.0)
+    assert recorder.maps and {r.branches for r in recorder.maps} == {("cond", "uncond")}

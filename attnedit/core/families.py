@@ -145,6 +145,7 @@ class Family:
     share_prefix: bool = True
     image_pipeline: ImagePipelineHooks | None = None  # refocusing / DesignEdit drive its pipeline (family_hooks)
     video_pipeline: VideoPipelineHooks | None = None  # the video editor drives its pipeline (family_hooks)
+    cfg_rows: tuple[str, ...] = ("uncond", "cond")  # batched CFG: the branch of each equal chunk of rows, in order
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         """Editable attention modules in forward order, numbered per kind."""

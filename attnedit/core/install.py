@@ -74,7 +74,7 @@ class RunState:
                 cfg = bool(self.pipeline is not None and self.pipeline.do_classifier_free_guidance)
             except AttributeError:  # the pipeline sets its guidance scale only inside __call__
                 cfg = False
-            return ("uncond", "cond") if cfg else ("cond",)
+            return self.family.cfg_rows if cfg else ("cond",)
         return ("cond",) if self.pass_index == 0 else ("uncond",)
 
     def row_branches(self, batch: int) -> tuple[str, ...]:

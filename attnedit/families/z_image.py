@@ -57,6 +57,7 @@ FAMILY = Family(
     name="z_image",
     model_class="ZImageTransformer2DModel",
     batched_cfg=True,
+    cfg_rows=("cond", "uncond"),  # ZImagePipeline batches prompt_embeds + negative_prompt_embeds
     site_rules=(
         (r"noise_refiner\.\d+\.attention", "self", ""),
         (r"layers\.\d+\.attention", "joint", ""),
