@@ -92,9 +92,10 @@ def test_head_guidance_runs_and_differs(name, vace, i2v):
 @pytest.mark.parametrize("name", ["wan_vace", "wan22_i2v"])
 def test_radial_attention_runs_on_the_pipeline(name, vace, i2v):
     """64 px, 9 frames: 3 latent frames of 16 tokens in blocks of 4; sparse from the first step."""
-    from attnedit.pipelines.radial import generate_radial
+    from attnedit.pipelines.radial import default_preset, generate_radial
 
     pipe = vace if name == "wan_vace" else i2v
+    assert default_preset(pipe) == ("wan" if name == "wan_vace" else "wan22")  # Wan 2.2: two experts
     size = {"height": 64, "width": 64, "num_frames": 9}
     image = {"image": _image().resize((64, 64))} if name == "wan22_i2v" else {}
     kwargs = {**zoo.call_kwargs(name), **size, **image}

@@ -8,7 +8,9 @@ control stream's tokens sit on the video's grid: attnedit treats them as video t
 in the control stream too, so the hints carry no hidden-region information; radial attention sees the same grid).
 Sites, numbered per kind in forward order: every ``vace_blocks`` site (stream ``"vace"``) comes before the main
 ``blocks`` (stream ``""``), so Wan's layer ``L`` is VACE layer ``L + len(vace_layers)``.
-Radial attention: Wan 2.1's released settings carry over (same attention, same grid).
+Radial attention: Wan's released settings carry over (same attention, same grid): Wan 2.1's for these checkpoints,
+Wan 2.2's when a VACE pipeline holds two experts (``transformer_2``, as Wan 2.2 VACE-Fun does).
+No context parallelism: diffusers ships no ``_cp_plan`` for the VACE model (its control stream would need a split too).
 
 Configs (``attnedit/models/configs``): the ``transformer/config.json`` of Wan-AI/Wan2.1-VACE-1.3B-diffusers and
 Wan-AI/Wan2.1-VACE-14B-diffusers as written by diffusers' ``scripts/convert_wan_to_diffusers.py`` (model types
@@ -33,9 +35,8 @@ FAMILY = Family(
     layout=wan.layout,  # control blocks: [control stream on the video grid] x [control stream]; attn2: text
     perturbed_kind="self",
     video=True,
-    radial_preset=lambda pipe: "wan",
+    radial_preset=wan.radial_preset,  # Wan 2.1's; Wan 2.2's for a two-expert VACE pipeline (transformer_2)
     text_kind="cross",
-    context_parallel=None,  # diffusers ships no _cp_plan for VACE: its control stream would need its own split
     aliases=("vace", "wan2.1-vace"),
 )
 
