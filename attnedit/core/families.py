@@ -76,8 +76,8 @@ class AttentionCall:
 class TokenLayout:
     """Where the edited image/video tokens and the text tokens sit in one attention call's queries and keys.
 
-    Tokens in neither (e.g. FLUX.1 Kontext's reference-image tokens, Wan VACE's context) are left alone by
-    token-level edits: key masks keep them, maps do not read them.
+    Tokens in neither (e.g. FLUX.1 Kontext's reference-image tokens; not Wan VACE's control stream, which is on the
+    video grid and edited as video) are left alone by token-level edits: key masks keep them, maps do not read them.
     """
 
     image_q: slice
