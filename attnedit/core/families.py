@@ -113,7 +113,8 @@ class ContextParallel:
 # forward order of the module-path parts families use: down < mid < up, double stream < single stream; Wan VACE's
 # control blocks all run before the main blocks
 FORWARD_RANK: Mapping[str, int] = {
-    "vace_blocks": -1, "down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1,
+    "vace_blocks": -1, "down_blocks": 0, "mid_block": 1, "up_blocks": 2,
+    "transformer_blocks": 0, "single_transformer_blocks": 1,
     "noise_refiner": -1,  # Z-Image: the image's refiner blocks run before the joint layers
 }
 

@@ -69,7 +69,7 @@ def example_inputs(arch, model, batch, size, text, rand, t) -> dict:
 
 # -- tiny pipelines (attnedit.models.zoo) --------------------------------------------------------------------------
 def _build_tiny_wan22_i2v():
-    """Wan 2.2 I2V-A14B layout: ``WanImageToVideoPipeline`` with two denoisers, ``boundary_ratio`` 0.9, no image encoder.
+    """Wan 2.2 I2V-A14B layout: ``WanImageToVideoPipeline``, two denoisers, ``boundary_ratio`` 0.9, no image encoder.
 
     The image reaches the model only through the latents (``in_channels`` 36 = 16 noise + 4 mask + 16 image-latent
     channels), as in the published checkpoint; ``expand_timesteps`` stays off (that is TI2V-5B's). The tiny UMT5
@@ -87,7 +87,8 @@ def _build_tiny_wan22_i2v():
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
     return WanImageToVideoPipeline(
-        **tiny_wan_parts(), image_processor=None, image_encoder=None, transformer=transformer(), transformer_2=transformer(),
+        **tiny_wan_parts(), image_processor=None, image_encoder=None, transformer=transformer(),
+        transformer_2=transformer(),
         boundary_ratio=0.9, expand_timesteps=False)
 
 

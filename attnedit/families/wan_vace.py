@@ -96,5 +96,6 @@ def _build_tiny_vace():
 
 TINY = {
     "wan_vace": {"build": _build_tiny_vace, "video": True,
-                 "call": {"height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 32}},
+                 "call": {"height": 32, "width": 32, "num_frames": 5, "guidance_scale": 5.0,
+                          "max_sequence_length": 32}},
 }
