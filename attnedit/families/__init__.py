@@ -7,7 +7,11 @@ Adding a family is one module, ``attnedit/families/<name>.py`` (found by itself;
 * ``PUBLISHED``: its published checkpoints (``attnedit/models/configs/<name>.json`` holds each denoiser config),
   ``published_sites(config)`` (the site table written out from a config) and ``example_inputs(...)`` for one
   forward (:mod:`attnedit.models.architectures`);
-* ``TINY``: its tiny random-weight pipelines for tests (:mod:`attnedit.models.zoo`).
+* ``TINY``: its tiny random-weight pipelines for tests (:mod:`attnedit.models.zoo`);
+* optionally, ``Family(image_pipeline=..., video_pipeline=...)``: hooks through which attnedit's own pipelines
+  (refocusing, DesignEdit, the video editor) drive the family's stock pipeline
+  (:mod:`attnedit.core.family_hooks`; e.g. ``_flux_pipeline.py``). Nothing outside this package compares a
+  family's name (``tests/test_package_structure.py`` checks).
 """
 
 from __future__ import annotations
