@@ -137,10 +137,11 @@ class VideoEditor:
                                              text_length=c.text_length, prompt_template=c.prompt_template)
         self.pipe = pipe
         if self.model.hooks.distilled and c.guidance_scale != 1.0:
-            raise ValueError(f"guidance_scale={c.guidance_scale}: HunyuanVideo is guidance-distilled and runs one pass; "
+            raise ValueError(f"guidance_scale={c.guidance_scale}: {type(pipe).__name__} is guidance-distilled and runs one pass; "
                              "leave guidance_scale at 1 and set embedded_guidance")
         if c.embedded_guidance != 1.0 and not self.model.hooks.distilled:
-            raise ValueError(f"embedded_guidance={c.embedded_guidance} is only read by HunyuanVideo")
+            raise ValueError(f"embedded_guidance={c.embedded_guidance} is only read by guidance-distilled models "
+                             f"(HunyuanVideo); {type(pipe).__name__} runs CFG")
         self.radial = self._radial(c.radial)
 
     def _radial(self, radial: Any) -> RadialAttention | None:
