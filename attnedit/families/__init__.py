@@ -16,14 +16,13 @@ Adding a family is one module, ``attnedit/families/<name>.py`` (found by itself;
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from types import ModuleType
 
 import torch
 
 from attnedit.core.families import AttentionCall, Family, ForwardInfo, Site  # also the old attnedit.families names
-import importlib
-import pkgutil
-
 from attnedit.families import flux, hunyuan_video, sd3, unet, wan
 
 _FIRST = (unet, sd3, flux, wan, hunyuan_video)  # the original five, in their order; the rest by file name
