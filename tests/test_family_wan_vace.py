@@ -163,3 +163,11 @@ def test_animate_is_stock_without_edits_and_key_mask_leaves_face_adapters_alone(
 
     guided = AttnEditPipeline.from_pipe(animate)(**_animate_kwargs(), pag_heads="L0H0", pag_scale=3.0).frames
     assert guided.shape == stock.shape and not np.allclose(guided, stock)
+
+
+def test_cli_video_refuses_an_image_to_video_model_with_one_line(tmp_path, capsys):
+    from attnedit.surfaces.cli import main
+
+    out = tmp_path / "clip.mp4"
+    assert main(["video", "a ball", "--model", "tiny:wan22_i2v", "--steps", "2", "--out", str(out)]) == 2
+    assert "WanImageToVideoPipeline needs image" in capsys.readouterr().err and not out.exists()

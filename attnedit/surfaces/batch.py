@@ -345,6 +345,17 @@ def _mask_value(mask: Any) -> Any:
     return tuple(mask) if isinstance(mask, list) and len(mask) == 4 and all(isinstance(v, (int, float)) for v in mask) else mask
 
 
+def _refuse_conditioned(pipe: Any) -> None:
+    """Image-to-video, VACE and Animate pipelines need inputs the text-to-video task does not take: say so."""
+    import inspect
+
+    needed = [n for n, p in inspect.signature(pipe.__call__).parameters.items()
+              if p.default is inspect.Parameter.empty and n in ("image", "pose_video", "face_video", "video")]
+    if needed:
+        raise ValueError(f"{type(pipe).__name__} needs {', '.join(needed)}; the video task makes videos from text "
+                         "only: use the Python API for this pipeline")
+
+
 @task("video")
 def video_task(pipe: Any, params: dict[str, Any]) -> list:
     """Text to video (Wan, HunyuanVideo) with radial attention unless ``radial`` is false; returns the frames.
@@ -358,6 +369,7 @@ def video_task(pipe: Any, params: dict[str, Any]) -> list:
     from attnedit.pipelines.radial import generate_radial
 
     params = check_params("video", params)
+    _refuse_conditioned(pipe)
     kwargs = {k: params[k] for k in ("negative_prompt", "guidance_scale", "width", "height", "max_sequence_length")
               if k in params}
     kwargs.update(num_inference_steps=_check_steps(pipe, int(params.get("steps", 30))), output_type="np",
