@@ -41,6 +41,7 @@ from attnedit.core.attention import flex_attention, flex_block_mask
 from attnedit.core.block_sparse import block_sparse_attention
 from attnedit.methods.head_guidance import perturbed_guidance
 from attnedit.methods.radial import PRESETS, RadialAttention, radial_block_mask
+from attnedit.families import get_family
 from attnedit.models.architectures import ARCHITECTURES
 
 Geometry = namedtuple("Geometry", "name frames per_frame heads head_dim family")
@@ -50,8 +51,12 @@ GEOMETRIES = (  # latent frames x tokens per frame (16 x 16 pixels per token), t
     Geometry("hunyuan-video-768x1280-117f", 30, 3840, 24, 128, "hunyuan_video"),  # 768x1280 -> 48x80
 )
 DRY_GEOMETRIES = (Geometry("tiny-wan", 8, 64, 2, 32, "wan"), Geometry("tiny-hunyuan", 8, 64, 2, 32, "hunyuan_video"))
-SIZES = {"unet": (64, 64), "sd3": (64, 64), "flux": (32, 32), "wan": (8, 30, 52), "hunyuan_video": (8, 30, 52)}
-DRY_SIZES = {"unet": (16, 16), "sd3": (8, 8), "flux": (4, 6), "wan": (8, 8, 8), "hunyuan_video": (8, 8, 8)}
+SIZES = {"unet": (64, 64), "sd3": (64, 64), "flux": (32, 32), "wan": (8, 30, 52), "hunyuan_video": (8, 30, 52),
+         "flux2": (32, 32), "qwen_image": (32, 32), "z_image": (64, 64), "wan_vace": (8, 30, 52),
+         "wan_animate": (8, 30, 52), "hunyuan_video15": (8, 30, 52)}
+DRY_SIZES = {"unet": (16, 16), "sd3": (8, 8), "flux": (4, 6), "wan": (8, 8, 8), "hunyuan_video": (8, 8, 8),
+             "flux2": (4, 6), "qwen_image": (4, 6), "z_image": (8, 12), "wan_vace": (4, 4, 4), "wan_animate": (4, 4, 4),
+             "hunyuan_video15": (4, 4, 4)}
 
 
 class Check:
@@ -210,8 +215,11 @@ def _to(obj, device):
 
 @functools.cache
 def _tiny(family: str) -> torch.nn.Module:
+    from attnedit.families import family_module
     from attnedit.models import zoo
 
+    if family not in zoo.FAMILIES + zoo.EXTRA_PIPELINES:  # a family's own tiny pipeline (its module's TINY)
+        family = next(iter(family_module(family).TINY))
     return zoo.denoiser(zoo.build_pipeline(family)).eval()
 
 
@@ -224,6 +232,11 @@ def setup(check: Check, name: str):
     else:
         model = arch.build("reduced", device=check.device, dtype=check.dtype)
     return arch, model, _to(arch.inputs(model, size=check.size(arch), text=8 if check.dry else 64), check.device)
+
+
+def _stacked(out):
+    """One tensor of the output rows (Z-Image returns a list of per-row latents)."""
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
 
 def box_mask(size: tuple[int, ...]) -> torch.Tensor:
@@ -239,8 +252,9 @@ def edits_for(check: Check, arch, model) -> dict:
              "key_mask": lambda: install(model, KeyMask(mask=box_mask(check.size(arch)))),
              "head_blend": lambda: install(model, HeadBlend(strength=0.5, heads={0: (0, 1)})),
              "perturbed_guidance": lambda: perturbed_guidance(model, heads="L0", scale=3.0, cfg_scale=1.0)}
-    if arch.family in ("wan", "hunyuan_video"):
-        radial = RadialAttention(**{**PRESETS[arch.family], "dense_steps": 0, "dense_layers": 0,
+    family = get_family(arch.family)
+    if family.video:
+        radial = RadialAttention(**{**PRESETS[family.radial_preset(None)], "dense_steps": 0, "dense_layers": 0,
                                     "block_size": 16 if check.dry else 128})
         edits["radial"] = lambda: install(model, radial)
     return edits
@@ -273,7 +287,7 @@ def forward_row(check: Check, name: str) -> dict:
     """One architecture: build, a stock forward, then every applicable edit timed against stock."""
     start = time.perf_counter()
     arch, model, inputs = setup(check, name)
-    forward = torch.no_grad()(lambda: model(**inputs, return_dict=False)[0])
+    forward = torch.no_grad()(lambda: _stacked(model(**inputs, return_dict=False)[0]))
     stock = forward()
     check.sync()
     row = {"family": arch.family, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
