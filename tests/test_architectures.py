@@ -2,7 +2,7 @@
 
 Full depth: each published config is built on the meta device (no memory) and the sites the adapters find are
 compared, module by module, with the architecture written out from the config (attnedit.models.architectures) and with
-the counts stated in the README. Reduced depth: every width, head count, head dim and norm as published, 1-2
+the counts stated in docs/families.md. Reduced depth: every width, head count, head dim and norm as published, 1-2
 blocks of each kind, random weights on the CPU, one forward at a small latent size per check.
 """
 
@@ -23,7 +23,7 @@ from attnedit.models.architectures import ARCHITECTURES, meta_denoiser
 
 NAMES = list(ARCHITECTURES)
 
-# What the real models have, counted by hand from the published architectures (README "Tested architectures").
+# What the real models have, counted by hand from the published architectures (docs/families.md, "Tested architectures").
 SITE_COUNTS = {
     "sd15": {"self": 16, "cross": 16}, "sdxl-base": {"self": 70, "cross": 70},
     "sd3-medium": {"joint": 24}, "sd3.5-medium": {"joint": 24, "self": 13}, "flux1-dev": {"joint": 19 + 38},

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 FLUX, WAN14B, HUNYUAN = ("black-forest-labs/FLUX.1-dev", "Wan-AI/Wan2.1-T2V-14B-Diffusers",
                          "hunyuanvideo-community/HunyuanVideo")
-# (model, free GiB, quantize) -> plan: the README's table
+# (model, free GiB, quantize) -> plan: the table in docs/real-models.md
 AUTO_TABLE = {
     (FLUX, 24, None): "group-offload", (FLUX, 48, None): "none", (FLUX, 80, None): "none",
     (FLUX, 24, "int8"): "none",
