@@ -110,6 +110,13 @@ class ContextParallel:
     refuse: Callable[[torch.nn.Module], str | None] | None = None  # why this model's config cannot be split, if so
 
 
+# site rules of the two-stream DiTs (FLUX.1, FLUX.2, HunyuanVideo): double-stream then single-stream joint attention
+TWO_STREAM_RULES: tuple[tuple[str, str, str], ...] = (
+    (r"transformer_blocks\.\d+\.attn", "joint", "double"),
+    (r"single_transformer_blocks\.\d+\.attn", "joint", "single"),
+)
+
+
 # forward order of the module-path parts families use: down < mid < up, double stream < single stream; Wan VACE's
 # control blocks all run before the main blocks
 FORWARD_RANK: Mapping[str, int] = {

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from attnedit.core.families import Family, ForwardInfo, ProcessorCall, TokenLayout
+from attnedit.core.families import TWO_STREAM_RULES, Family, ForwardInfo, ProcessorCall, TokenLayout
 
 
 def _ids(bound: dict) -> torch.Tensor | None:
@@ -48,10 +48,7 @@ FAMILY = Family(
     name="flux",
     model_class="FluxTransformer2DModel",
     batched_cfg=False,
-    site_rules=(
-        (r"transformer_blocks\.\d+\.attn", "joint", "double"),
-        (r"single_transformer_blocks\.\d+\.attn", "joint", "single"),
-    ),
+    site_rules=TWO_STREAM_RULES,
     read_grid=read_grid,
     layout=layout,
     perturbed_kind="joint",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-from attnedit.core.families import ContextParallel, Family, ForwardInfo, ProcessorCall, TokenLayout, patch_grid
+from attnedit.core.families import TWO_STREAM_RULES, ContextParallel, Family, ForwardInfo, ProcessorCall, TokenLayout, patch_grid
 
 # In the style of WanTransformer3DModel._cp_plan (diffusers 0.42 has none for HunyuanVideo): split the video and the
 # (already refined) text tokens where they enter the first block, the RoPE tables (S, D/2) with them, and gather the
@@ -51,10 +51,7 @@ FAMILY = Family(
     name="hunyuan_video",
     model_class="HunyuanVideoTransformer3DModel",
     batched_cfg=False,
-    site_rules=(
-        (r"transformer_blocks\.\d+\.attn", "joint", "double"),
-        (r"single_transformer_blocks\.\d+\.attn", "joint", "single"),
-    ),
+    site_rules=TWO_STREAM_RULES,
     read_grid=patch_grid,
     layout=layout,
     perturbed_kind="joint",
